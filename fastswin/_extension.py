@@ -1,0 +1,45 @@
+"""Loading of the compiled extension ``fastswin._C``.
+
+The package must import, and the reference and Triton paths must work, without it. Loading is
+lazy and the failure is remembered, so ``backend="cuda"`` can say exactly why it is unavailable.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """Import ``fastswin._C`` (which registers its ops with the dispatcher). Returns
+    ``(module, error_message)``."""
+    try:
+        from . import _C  # noqa: F401  (import registers TORCH_LIBRARY ops)
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"fastswin._C is not importable ({e}); build it with `pip install -e . --no-build-isolation`"
+    return _C, ""
+
+
+def unavailable_reasons() -> List[str]:
+    mod, err = _load()
+    return [err] if mod is None else []
+
+
+def available() -> bool:
+    return not unavailable_reasons()
+
+
+def has_op(name: str) -> bool:
+    """Is ``torch.ops.fastswin.<name>`` registered by the extension?"""
+    if not available():
+        return False
+    return hasattr(torch.ops.fastswin, name)
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernels() -> bool:
+    """Was the extension compiled with its CUDA sources?"""
+    mod, _ = _load()
+    return bool(mod is not None and getattr(mod, "cuda_built", lambda: False)())

@@ -1,0 +1,1 @@
+"""``nn.Module`` drop-ins, checkpoint-compatible with the originals."""
