@@ -1,0 +1,1 @@
+"""fastswin benchmark suite. Entry point: ``python -m benchmarks.run --help``."""
