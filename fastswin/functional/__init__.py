@@ -5,16 +5,24 @@
 * :func:`shifted_window_attention` / :func:`shifted_window_attention_v2` -- block-level entry from
   ``qkv`` of (B, H, W, 3, heads, d): shift, pad and partition folded in
 * :func:`deformable_attention` -- DAT's attention core over sampled keys/values
-"""
-from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "bilinear_sample": ".bilinear_sample",
-    "window_attention": ".window_attention",
-    "window_attention_v2": ".window_attention",
-    "shifted_window_attention": ".window_attention",
-    "shifted_window_attention_v2": ".window_attention",
-    "deformable_attention": ".deformable_attention",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+Imported eagerly (these modules only import the reference path and the backend table): a lazy
+``__getattr__`` would be shadowed by the submodule of the same name once it is imported.
+"""
+from .bilinear_sample import bilinear_sample
+from .deformable_attention import deformable_attention
+from .window_attention import (
+    shifted_window_attention,
+    shifted_window_attention_v2,
+    window_attention,
+    window_attention_v2,
+)
+
+__all__ = [
+    "bilinear_sample",
+    "deformable_attention",
+    "shifted_window_attention",
+    "shifted_window_attention_v2",
+    "window_attention",
+    "window_attention_v2",
+]
