@@ -73,7 +73,9 @@ def register(op: str, backend: str, *, reasons: Callable[..., List[str]], auto_r
     return deco
 
 
-def _normalize(backend) -> str:
+def resolve_name(backend) -> str:
+    """The backend name in force for a call: ``FASTSWIN_BACKEND`` if set, else ``backend`` (default
+    ``"auto"``); raises on an unknown name."""
     env = os.environ.get("FASTSWIN_BACKEND", "").strip()
     chosen = env or backend or AUTO
     if not isinstance(chosen, str) or chosen not in BACKENDS + (AUTO,):
@@ -103,7 +105,7 @@ def explain(op: str, *args, **kwargs) -> Dict[str, List[str]]:
 
 def select(op: str, backend, *args, **kwargs) -> Implementation:
     """The implementation that runs ``op`` for these arguments, or raise with every reason."""
-    name = _normalize(backend)
+    name = resolve_name(backend)
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"op: no backend registered for {op!r}; known ops: {sorted(_REGISTRY)}")
