@@ -47,13 +47,16 @@ def _fwd_bwd(fn, inputs, grads):
     return run
 
 
-def _refusal(fn, args) -> Optional[str]:
-    """The backend's own reasons if it refuses these inputs (one trial call, no grad)."""
+def _refusal(fn, args, provider=None, op=None) -> Optional[str]:
+    """The backend's own reasons if it refuses these inputs (one trial call, no grad); for
+    ``fastswin_auto``, also a refusal when auto picked the reference (that row would be ``naive``)."""
     try:
         with torch.no_grad():
             fn(*args)
     except fastswin.BackendUnavailableError as e:
         return str(e)
+    if provider == "fastswin_auto" and fastswin.backends.last_selected(op) == "reference":
+        return f"auto runs the reference backend for {op} here (the same work as the naive/grid_sample row)"
     return None
 
 
@@ -80,7 +83,7 @@ def _swin(case: Case, provider, device, dtype, batch) -> "Work | str":
     else:
         def fn(qkv, table):
             return fastswin.functional.shifted_window_attention(qkv, table, (m, m), (s, s), backend=backend)
-    why = _refusal(fn, sets[0])
+    why = _refusal(fn, sets[0], provider, _swin_op(v2))
     if why:
         return why
     grads = [torch.randn(batch, res, res, heads * d, device=device, dtype=dtype) for _ in range(ROTATE)]
@@ -122,7 +125,7 @@ def _bilinear(case: Case, provider, device, dtype, batch) -> "Work | str":
         def fn(feat, pos):
             return fastswin.functional.bilinear_sample(feat, pos, backend=backend)
 
-        why = _refusal(fn, sets[0])
+        why = _refusal(fn, sets[0], provider, "bilinear_sample")
         if why:
             return why
     grads = [torch.randn(n, cg, hk, wk, device=device, dtype=dtype) for _ in range(ROTATE)]
@@ -152,7 +155,7 @@ def _dat(case: Case, provider, device, dtype, batch) -> "Work | str":
     def fn(x):
         return mod(x)[0]
 
-    why = _refusal(fn, (xs[0],))
+    why = _refusal(fn, (xs[0],), provider, "deformable_attention")
     if why:
         return why
 

@@ -19,7 +19,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(fn: Callable[[int], object], device: torch.device, *, reps_cpu: int = 5, warmup_cpu: int = 1) -> List[float]:
+def bench(fn: Callable[[int], object], device: torch.device, *, reps_cpu: int = 7, warmup_cpu: int = 2,
+          min_s_cpu: float = 0.5) -> List[float]:
     """Milliseconds at p20/p50/p80 of ``fn(i)``, ``i`` counting calls (to rotate inputs)."""
     counter = [0]
 
@@ -34,7 +35,9 @@ def bench(fn: Callable[[int], object], device: torch.device, *, reps_cpu: int = 
     for _ in range(warmup_cpu):
         step()
     times = []
-    for _ in range(reps_cpu):
+    # At least reps_cpu runs and min_s_cpu seconds (at most 100 runs): short ops need many
+    # samples before the quantiles settle on a shared 2-core machine.
+    while len(times) < reps_cpu or (sum(times) < min_s_cpu * 1e3 and len(times) < 100):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)

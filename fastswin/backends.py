@@ -57,6 +57,7 @@ class Implementation:
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
 _LOGGED: set = set()
+_LAST: Dict[str, str] = {}  # op -> backend of its most recent select(), for benchmarks and tests
 
 
 def register(op: str, backend: str, *, reasons: Callable[..., List[str]], auto_reasons=None):
@@ -116,6 +117,7 @@ def select(op: str, backend, *args, **kwargs) -> Implementation:
             raise BackendUnavailableError(
                 f"backend {name!r} cannot run {op}: " + "; ".join(why) + ". Pass backend='auto' or another backend."
             )
+        _LAST[op] = name
         return impl
     refused = {}
     for b in AUTO_ORDER:
@@ -126,11 +128,17 @@ def select(op: str, backend, *args, **kwargs) -> Implementation:
         why = list(impl.reasons(*args, **kwargs)) + list(impl.auto_reasons(*args, **kwargs))
         if not why:
             _log_choice(op, b, args, refused)
+            _LAST[op] = b
             return impl
         refused[b] = why
     raise BackendUnavailableError(
         f"no backend can run {op}: " + "; ".join(f"{b}: {', '.join(r)}" for b, r in refused.items())
     )
+
+
+def last_selected(op: str):
+    """The backend that ran ``op`` most recently in this process (None if it never ran)."""
+    return _LAST.get(op)
 
 
 def dispatch(op: str, backend, *args, **kwargs):
