@@ -32,7 +32,7 @@ else
   fi
   if ! "$PY" -c "import setuptools, pybind11, ninja, pytest, pytest_benchmark, timm, numpy, triton" 2>/dev/null; then
     _log "installing build and test requirements"
-    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark timm numpy
+    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark "timm==1.0.31" numpy
     "$PY" -c "import triton" 2>/dev/null || "${PIP[@]}" triton
   fi
 fi
