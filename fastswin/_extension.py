@@ -19,6 +19,8 @@ def _load():
         from . import _C  # noqa: F401  (import registers TORCH_LIBRARY ops)
     except ImportError as e:  # not built, or built against another torch
         return None, f"fastswin._C is not importable ({e}); build it with `pip install -e . --no-build-isolation`"
+    except Exception as e:  # e.g. RuntimeError: a second copy of _C registering the same TORCH_LIBRARY
+        return None, f"fastswin._C failed to load ({type(e).__name__}: {e})"
     return _C, ""
 
 
