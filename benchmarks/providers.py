@@ -38,11 +38,27 @@ def _backend_of(provider):
     )
 
 
-def _fwd_bwd(fn, inputs, grads):
+def _fwd(fn, inputs):
+    """Forward only, without building the autograd graph (inference timing)."""
+
+    def run(i):
+        with torch.no_grad():
+            return fn(*inputs[i % ROTATE])
+
+    return run
+
+
+def _fwd_bwd(fn, inputs, grads, params=()):
+    """Forward and backward to every input that requires grad (and to ``params``, a module's
+    weights). ``autograd.grad`` returns the gradients instead of accumulating into ``.grad``: no
+    extra read-modify-write is timed."""
+    params = [p for p in params if p.requires_grad]
+
     def run(i):
         args = inputs[i % ROTATE]
         out = fn(*args)
-        out.backward(grads[i % ROTATE])
+        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + params
+        return torch.autograd.grad(out, wrt, grads[i % ROTATE])
 
     return run
 
@@ -89,7 +105,7 @@ def _swin(case: Case, provider, device, dtype, batch) -> "Work | str":
     grads = [torch.randn(batch, res, res, heads * d, device=device, dtype=dtype) for _ in range(ROTATE)]
     elem = torch.finfo(dtype).bits // 8
     return Work(
-        fwd=lambda i: fn(*sets[i % ROTATE]),
+        fwd=_fwd(fn, sets),
         fwd_bwd=_fwd_bwd(fn, sets, grads),
         flops=fl.swin_window_attention(batch, res, heads, d, m),
         bytes=fl.swin_window_attention_bytes(batch, res, heads, d, m, elem),
@@ -131,7 +147,7 @@ def _bilinear(case: Case, provider, device, dtype, batch) -> "Work | str":
     grads = [torch.randn(n, cg, hk, wk, device=device, dtype=dtype) for _ in range(ROTATE)]
     elem = torch.finfo(dtype).bits // 8
     return Work(
-        fwd=lambda i: fn(*sets[i % ROTATE]),
+        fwd=_fwd(fn, sets),
         fwd_bwd=_fwd_bwd(fn, sets, grads),
         flops=fl.bilinear_sample(n, cg, hk, wk),
         bytes=fl.bilinear_sample_bytes(n, cg, res, res, hk, wk, elem),
@@ -163,8 +179,8 @@ def _dat(case: Case, provider, device, dtype, batch) -> "Work | str":
     ns = (res // stride) ** 2
     elem = torch.finfo(dtype).bits // 8
     return Work(
-        fwd=lambda i: fn(xs[i % ROTATE]),
-        fwd_bwd=_fwd_bwd(fn, [(x,) for x in xs], grads),
+        fwd=_fwd(fn, [(x,) for x in xs]),
+        fwd_bwd=_fwd_bwd(fn, [(x,) for x in xs], grads, mod.parameters()),
         flops=fl.deformable_attention(batch, res * res, ns, heads, d),
         bytes=(4 * batch * c * res * res) * elem,
         shape=f"B{batch} {res}x{res} h{heads} d{d} g{g} stride{stride} Ns{ns}",
