@@ -11,6 +11,8 @@ Checks run in Python on shapes and dtypes only (no device sync), except
 """
 from __future__ import annotations
 
+import collections.abc
+import operator
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -84,10 +86,27 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: contains NaN or Inf (set FASTSWIN_CHECK_FINITE=0 to skip this check)")
 
 
+def _int(name: str, x, v) -> int:
+    # bool (and numpy's bool_) index like 0/1 but a window of True is a bug, not a size.
+    if isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_")) or (
+            isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got a bool in {v!r}")
+    try:
+        return operator.index(x)  # int, numpy integers, 0-d integer tensors; not float
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}") from None
+
+
 def pair(name: str, v) -> tuple:
-    """``7 -> (7, 7)``; ``(7, 8)`` stays; anything else raises naming ``name``."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    """timm's ``to_2tuple`` for sizes: an integer ``x -> (x, x)``; an iterable (not a str) of two
+    integers -> that pair. Integers are anything with ``__index__`` (Python and numpy integers,
+    0-d integer tensors), so ``np.int64(7)`` and ``np.array([5, 5])`` work as in timm; the result
+    holds Python ints. Bools, floats, strings and other lengths raise naming ``name``."""
+    if isinstance(v, str) or not isinstance(v, collections.abc.Iterable) or (isinstance(v, torch.Tensor) and v.dim() == 0) or (
+            getattr(v, "ndim", None) == 0):
+        x = _int(name, v, v)
+        return (x, x)
+    items = tuple(v)
+    if len(items) != 2:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r} ({len(items)} values)")
+    return (_int(name, items[0], v), _int(name, items[1], v))

@@ -141,6 +141,15 @@ def last_selected(op: str):
     return _LAST.get(op)
 
 
+def note_selected(op: str, backend: str) -> None:
+    """Record ``backend`` as the one that ran ``op`` (what :func:`last_selected` reports), for
+    callers that pick an implementation without :func:`select` (e.g. the attention-dropout path,
+    which only the reference implements)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _LAST[op] = backend
+
+
 def dispatch(op: str, backend, *args, **kwargs):
     """Run ``op`` on the selected backend."""
     return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
@@ -159,6 +168,11 @@ def _log_choice(op, backend, args, refused):
 
 
 # ---- reasons shared by many ops --------------------------------------------------------------
+
+def always_able(*args, **kwargs) -> List[str]:
+    """The reasons function of an implementation that runs every call (the reference): none."""
+    return []
+
 
 def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,6 +1,9 @@
 """Bad inputs to the Swin functional entries raise errors that name the argument."""
+import numpy as np
 import pytest
 import torch
+
+from fastswin._checks import pair as fastswin_pair
 
 from fastswin.functional.window_attention import (shifted_window_attention, shifted_window_attention_v2,
                                                   window_attention, window_attention_v2)
@@ -67,7 +70,7 @@ def test_valid_inputs_run(win, blk):
     ("mask", lambda t: t[:, :, :5], ValueError, r"mask: expected shape \(nW, 12, 12\)"),
     ("mask", lambda t: t[0], ValueError, "mask: expected a 3-D"),
     ("mask", lambda t: torch.cat([t, t[:1]]), ValueError, "mask: .*not divisible by mask's nW = 3"),
-    ("mask", lambda t: t.float(), TypeError, "mask: expected dtype float64"),
+    ("mask", lambda t: t.to(torch.int32), TypeError, "mask: expected dtype in"),
     ("mask", lambda t: t.to("meta"), ValueError, "mask: expected device"),
     ("window_size", lambda t: (3, 4, 1), TypeError, "window_size"),
     ("window_size", lambda t: (0, 4), ValueError, "window_size"),
@@ -116,7 +119,7 @@ def test_bad_scalars(win, blk):
     with pytest.raises(TypeError, match="scale"):
         window_attention(**win, scale="0.5")
     with pytest.raises(ValueError, match="dropout_p"):
-        window_attention(**win, dropout_p=1.0)
+        window_attention(**win, dropout_p=1.5)
     with pytest.raises(ValueError, match="dropout_p"):
         shifted_window_attention(**blk, dropout_p=-0.1)
     with pytest.raises(ValueError, match="backend"):
@@ -159,3 +162,60 @@ def test_low_precision_activations_accept_float32_tables(win, blk):
         assert out.dtype == dtype
     with pytest.raises(TypeError, match="rel_pos_table: expected dtype float16 or float32"):
         window_attention(**dict(win, q=win["q"].half(), k=win["k"].half(), v=win["v"].half()))
+
+
+@pytest.mark.parametrize("fn", [v1, v2])
+def test_mask_dtype_promotes_like_timm(win, fn):
+    """timm adds the mask to the logits: a bool mask and a float mask whose dtype promotes to q's
+    are accepted and cast to q's dtype (the same numbers as the add); the rest raise naming mask."""
+    want = fn(dict(win, mask=win["mask"].float().double()))
+    out = fn(dict(win, mask=win["mask"].float()))  # float32 mask, float64 q
+    assert out.dtype == f64 and torch.equal(out, want)
+    bool_mask = win["mask"] > 0
+    assert torch.equal(fn(dict(win, mask=bool_mask)), fn(dict(win, mask=bool_mask.double())))
+    w32 = {k: (t.float() if isinstance(t, torch.Tensor) else t) for k, t in win.items()}
+    half = w32["mask"].half()
+    out = (window_attention if fn is v1 else window_attention_v2)(
+        **dict(w32, mask=half), **({} if fn is v1 else dict(logit_scale=LS["logit_scale"].float())))
+    want = (window_attention if fn is v1 else window_attention_v2)(
+        **dict(w32, mask=half.float()), **({} if fn is v1 else dict(logit_scale=LS["logit_scale"].float())))
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    with pytest.raises(TypeError, match="mask: expected dtype float32"):  # float64 mask, float32 q
+        (window_attention if fn is v1 else window_attention_v2)(
+            **dict(w32, mask=win["mask"]), **({} if fn is v1 else dict(logit_scale=LS["logit_scale"].float())))
+    wbf = dict(win, q=win["q"].bfloat16(), k=win["k"].bfloat16(), v=win["v"].bfloat16(),
+               rel_pos_table=win["rel_pos_table"].float())
+    extra = {} if fn is v1 else dict(logit_scale=LS["logit_scale"].float())
+    with pytest.raises(TypeError, match="mask: expected dtype bfloat16 or float32"):  # float16 mask, bfloat16 q
+        (window_attention if fn is v1 else window_attention_v2)(**dict(wbf, mask=win["mask"].half()), **extra)
+    out = (window_attention if fn is v1 else window_attention_v2)(**dict(wbf, mask=bool_mask), **extra)
+    assert out.dtype == torch.bfloat16
+
+
+def test_dropout_p_one_is_allowed(win, blk):
+    """timm accepts attn_drop=1.0 (every probability dropped: the attention output is 0)."""
+    out = window_attention(**win, dropout_p=1.0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out = shifted_window_attention_v2(**blk, **LS, dropout_p=1)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("size", [np.int64(3), np.array([3, 4]), np.array(3), (np.int32(3), 4), torch.tensor([3, 4])])
+def test_window_size_accepts_numpy_integers(win, size):
+    """timm's to_2tuple takes any integer scalar or iterable; sizes become Python ints."""
+    kw = dict(win, window_size=size)
+    if fastswin_pair("window_size", size) == (3, 3):
+        kw.update(q=win["q"][:, :, :9], k=win["k"][:, :, :9], v=win["v"][:, :, :9], mask=win["mask"][:, :9, :9],
+                  rel_pos_table=win["rel_pos_table"][:25])
+    out = window_attention(**kw)
+    assert torch.equal(out, window_attention(**dict(kw, window_size=fastswin_pair("window_size", size))))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (True, "window_size: .*bool"), ((3, True), "window_size: .*bool"), (np.bool_(True), "window_size: .*bool"),
+    (np.array([True, True]), "window_size: .*bool"), (3.0, "window_size"), ((3, 4.0), "window_size"),
+    ("34", "window_size"), ([3], "window_size"), (None, "window_size"),
+])
+def test_window_size_rejects_non_integers(win, bad, match):
+    with pytest.raises(TypeError, match=match):
+        window_attention(**dict(win, window_size=bad))

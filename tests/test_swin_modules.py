@@ -1,4 +1,5 @@
 """fastswin.WindowAttention / WindowAttentionV2 as drop-ins for timm's modules."""
+import numpy as np
 import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -34,7 +35,10 @@ def _timm(v2, kw, dtype=f64):
 
 
 def _ours(v2, kw, dtype=f64, **extra):
-    return (fastswin.WindowAttentionV2 if v2 else fastswin.WindowAttention)(**kw, dtype=dtype, **extra)
+    m = (fastswin.WindowAttentionV2 if v2 else fastswin.WindowAttention)(**kw, dtype=dtype, **extra)
+    if not v2:
+        m.fused_attn = False  # as _timm, whatever TIMM_FUSED_ATTN says
+    return m
 
 
 def _randomize(module):
@@ -160,6 +164,7 @@ def test_forward_block_matches_timm_attn(seed, res, window, shift, always_partit
         blk = SwinTransformerBlock(16, res, num_heads=2, **common)
         blk.attn.fused_attn = False
         o = fastswin.WindowAttention(16, 2, window_size=blk.window_size, dtype=dtype)
+        o.fused_attn = False
     _randomize(blk.attn)
     o.load_state_dict(blk.attn.state_dict(), strict=True)
     x = torch.randn(2, *res, 16, dtype=dtype)
@@ -308,3 +313,165 @@ def test_autocast_matches_timm(seed, v2, kw):
         yt, yo = t(x, mask), o(x, mask)
     assert yo.dtype == yt.dtype
     torch.testing.assert_close(yo, yt, rtol=0, atol=0)
+
+
+# ---- mask dtypes, as timm's ``attn + mask`` promotes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float16),
+                                              (torch.float64, torch.bool), (torch.float32, torch.bool)])
+def test_mask_dtype_promotion_matches_timm(seed, v2, dtype, mask_dtype):
+    t, o = _pair(v2, V2_CASES[0] if v2 else V1_CASES[0], dtype)
+    x = torch.randn(8, 16, 16, dtype=dtype)
+    mask = (torch.rand(4, 16, 16) > 0.5) if mask_dtype == torch.bool else (torch.randn(4, 16, 16) * 3).to(mask_dtype)
+    yt, yo = t(x, mask), o(x, mask)
+    assert yo.dtype == yt.dtype == dtype
+    assert torch.equal(yo, yt)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_mask_dtype_timm_rejects_is_an_error_naming_mask(seed, v2):
+    t, o = _pair(v2, V2_CASES[0] if v2 else V1_CASES[0], torch.float32)
+    x, mask = torch.randn(8, 16, 16), torch.randn(4, 16, 16, dtype=f64)
+    with pytest.raises(RuntimeError):
+        t(x, mask)  # float64 logits @ float32 v
+    with pytest.raises(TypeError, match="mask: expected dtype float32"):
+        o(x, mask)
+
+
+# ---- timm's fused_attn flag (V1) ------------------------------------------------------------------------------
+
+
+def test_fused_attn_flag_set_as_timm(monkeypatch):
+    import timm.layers.config as timm_config
+
+    kw = V1_CASES[0]
+    assert TimmV1(**kw).fused_attn is fastswin.WindowAttention(**kw).fused_attn is False  # timm's default
+    assert "fused_attn" in fastswin.WindowAttention.__annotations__
+    monkeypatch.setattr(timm_config, "_USE_FUSED_ATTN", 2)  # TIMM_FUSED_ATTN=2 at timm's import
+    assert TimmV1(**kw).fused_attn is fastswin.WindowAttention(**kw).fused_attn is True
+    monkeypatch.setattr(timm_config, "_USE_FUSED_ATTN", 1)  # "tested" only: the Swin path is experimental
+    assert TimmV1(**kw).fused_attn is fastswin.WindowAttention(**kw).fused_attn is False
+    # timm's V2 module has no fused path and no flag; neither has ours
+    assert not hasattr(TimmV2(**V2_CASES[0]), "fused_attn")
+    assert not hasattr(fastswin.WindowAttentionV2(**V2_CASES[0]), "fused_attn")
+
+
+@pytest.mark.parametrize("env,want", [(None, False), ("0", False), ("1", False), ("2", True)])
+def test_fused_attn_flag_without_timm(monkeypatch, env, want):
+    """timm is not a dependency: without it, TIMM_FUSED_ATTN is read as timm reads it."""
+    import sys
+
+    from fastswin.modules import window_attention as mod
+
+    monkeypatch.setitem(sys.modules, "timm.layers", None)  # import fails
+    if env is None:
+        monkeypatch.delenv("TIMM_FUSED_ATTN", raising=False)
+    else:
+        monkeypatch.setenv("TIMM_FUSED_ATTN", env)
+    assert mod._use_fused_attn(experimental=True) is want
+    assert fastswin.WindowAttention(**V1_CASES[0]).fused_attn is want
+    assert mod._use_fused_attn(experimental=False) is (env != "0")
+
+
+@pytest.mark.parametrize("kw", V1_CASES, ids=["v1-0", "v1-1", "v1-2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_attn_matches_timm_fused_path(seed, kw, dtype, masked):
+    """With fused_attn on both (timm: SDPA with bias + mask as attn_mask), the same numbers, bit for bit;
+    in training too (SDPA's own dropout draws)."""
+    t, o = _pair(False, kw, dtype)
+    t.fused_attn = o.fused_attn = True
+    window = t.window_size
+    n = window[0] * window[1]
+    mask = _shift_mask(window, dtype=dtype) if masked else None
+    x = torch.randn(2 * 4, n, kw["dim"], dtype=dtype)
+    assert torch.equal(o(x, mask), t(x, mask))
+    t.attn_drop.p = o.attn_drop.p = 0.3
+    t.train(), o.train()
+    torch.manual_seed(11)
+    yt = t(x, mask)
+    torch.manual_seed(11)
+    assert torch.equal(o(x, mask), yt)
+
+
+@pytest.mark.parametrize("res,window,shift", [((7, 9), 4, 2), ((8, 8), 4, 2), ((6, 6), 3, 0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_attn_forward_block_matches_timm(seed, res, window, shift, dtype):
+    blk = SwinTransformerBlock(16, res, num_heads=2, window_size=window, shift_size=shift, dtype=dtype)
+    blk.attn.fused_attn = True
+    o = fastswin.WindowAttention(16, 2, window_size=blk.window_size, dtype=dtype)
+    o.fused_attn = True
+    _randomize(blk.attn)
+    o.load_state_dict(blk.attn.state_dict(), strict=True)
+    x = torch.randn(2, *res, 16, dtype=dtype)
+    yo, yt = o.forward_block(x, blk.shift_size), blk._attn(x)
+    if res[0] % window or res[1] % window:  # padded: the padded tokens' qkv round differently (bias vs linear(0))
+        torch.testing.assert_close(yo, yt, rtol=TOL[dtype], atol=TOL[dtype])
+    else:
+        assert torch.equal(yo, yt)
+
+
+# ---- sizes as timm's to_2tuple takes them ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [np.int64(4), np.array([4, 4]), (np.int32(4), 4), [4, 4]])
+def test_numpy_window_sizes_match_timm(seed, size):
+    t1, o1 = _pair(False, dict(V1_CASES[0], window_size=size))
+    assert o1.window_size == t1.window_size == (4, 4) and all(type(s) is int for s in o1.window_size)
+    t2, o2 = _pair(True, dict(V2_CASES[1], window_size=(3, 5), pretrained_window_size=np.array([6, 6])))
+    assert o2.pretrained_window_size == t2.pretrained_window_size == (6, 6)
+    assert torch.equal(o2.relative_coords_table, t2.relative_coords_table)
+    x = torch.randn(8, 16, 16, dtype=f64)
+    assert torch.equal(o1(x), t1(x))
+
+
+def test_bool_window_size_raises():
+    with pytest.raises(TypeError, match="window_size: .*bool"):
+        fastswin.WindowAttention(16, 2, window_size=True)
+    with pytest.raises(TypeError, match="pretrained_window_size: .*bool"):
+        fastswin.WindowAttentionV2(16, (4, 4), 2, pretrained_window_size=(True, 3))
+
+
+# ---- attn_drop = 1 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_attn_drop_one_matches_timm(seed, v2):
+    t, o = _pair(v2, dict(V2_CASES[0] if v2 else V1_CASES[0], attn_drop=1.0))
+    t.train(), o.train()
+    x = torch.randn(8, 16, 16, dtype=f64)
+    assert torch.equal(o(x), t(x))  # the attention output is 0: only proj's bias is left
+    o.forward_block(torch.randn(1, 5, 6, 16, dtype=f64), 2)
+
+
+# ---- bookkeeping ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_dropout_path_records_the_reference_as_last_selected(seed, monkeypatch, v2):
+    from fastswin import backends
+
+    o = _ours(v2, dict(V2_CASES[0] if v2 else V1_CASES[0], attn_drop=0.3)).train()
+    op, block_op = ("window_attention_v2", "shifted_window_attention_v2") if v2 else \
+        ("window_attention", "shifted_window_attention")
+    monkeypatch.setitem(backends._LAST, op, "cuda")  # stale, from an earlier eval-mode call
+    monkeypatch.setitem(backends._LAST, block_op, "triton")
+    o(torch.randn(4, 16, 16, dtype=f64))
+    o.forward_block(torch.randn(1, 5, 6, 16, dtype=f64), 2)
+    assert backends.last_selected(op) == backends.last_selected(block_op) == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        backends.note_selected(op, "fastest")
+
+
+def test_reference_reasons_are_the_shared_always_able():
+    from fastswin import backends
+
+    import fastswin.functional.bilinear_sample  # noqa: F401  (registers the op)
+    import fastswin.functional.window_attention  # noqa: F401
+
+    for op in ("window_attention", "window_attention_v2", "shifted_window_attention", "shifted_window_attention_v2",
+               "bilinear_sample"):
+        assert backends._REGISTRY[op]["reference"].reasons is backends.always_able
+    assert backends.always_able(1, 2, x=3) == []

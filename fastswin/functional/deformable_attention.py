@@ -16,11 +16,7 @@ from ..reference import dat as _ref
 OP = "deformable_attention"
 
 
-def _reference_reasons(*args, **kwargs):
-    return []
-
-
-backends.register(OP, "reference", reasons=_reference_reasons)(_ref.deformable_attention)
+backends.register(OP, "reference", reasons=backends.always_able)(_ref.deformable_attention)
 
 
 def _positive_int(name, v):

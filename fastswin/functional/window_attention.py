@@ -16,42 +16,48 @@ instead of silently dropping the dropout.
 
 Dtypes: q, k, v (or qkv) share one float dtype; the tables, ``logit_scale``, ``mask`` and
 ``pad_qkv`` have that dtype too, or float32 when the activations are float16/bfloat16 (autocast
-keeps parameters in float32; the result matches timm's under the same autocast).
+keeps parameters in float32; the result matches timm's under the same autocast). ``mask`` may
+also be bool or a float dtype that promotes to q's (float32 mask with float64 q, float16 with
+float32): it is cast to q's dtype, which is what timm's ``attn + mask`` does.
+
+``sdpa=True`` (V1 only; the modules pass their ``fused_attn``) makes the reference compute as
+timm's fused branch (``F.scaled_dot_product_attention``) so results equal timm's with the same
+flag; the fused backends ignore it (they are fused anyway and agree with both paths to rounding).
 """
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from .. import backends
-from .._checks import check_finite, check_same, check_tensor, finite_checks_enabled, pair
+from .._checks import FLOAT_DTYPES, check_finite, check_same, check_tensor, finite_checks_enabled, pair
 from ..reference import swin as _ref
 
 OPS = ("window_attention", "window_attention_v2", "shifted_window_attention", "shifted_window_attention_v2")
 
 
-def _reference_reasons(*args, **kwargs) -> List[str]:
-    return []
-
-
 _REFERENCE = dict(zip(OPS, (_ref.window_attention, _ref.window_attention_v2,
                             _ref.shifted_window_attention, _ref.shifted_window_attention_v2)))
 for _op, _fn in _REFERENCE.items():
-    backends.register(_op, "reference", reasons=_reference_reasons)(_fn)
+    backends.register(_op, "reference", reasons=backends.always_able)(_fn)
 
 
-def _dispatch(op: str, backend, args: tuple, dropout_p: float):
+def _dispatch(op: str, backend, args: tuple, dropout_p: float, sdpa: bool = False):
+    # ``sdpa`` (V1 only) is a reference-only keyword: the other backends are fused anyway.
+    ref_kw = {"sdpa": True} if sdpa else {}
     if not dropout_p:
-        return backends.dispatch(op, backend, *args)
+        impl = backends.select(op, backend, *args)
+        return impl.fn(*args, **ref_kw) if impl.backend == "reference" else impl.fn(*args)
     name = backends.resolve_name(backend)  # the argument, or FASTSWIN_BACKEND
     if name not in (backends.AUTO, "reference"):
         raise backends.BackendUnavailableError(
             f"backend {name!r} cannot run {op}: attention dropout (dropout_p={dropout_p}) is only implemented by "
             "the reference backend. Pass backend='auto' or 'reference', or run the module in eval mode."
         )
-    return _REFERENCE[op](*args, dropout_p=dropout_p)
+    backends.note_selected(op, "reference")
+    return _REFERENCE[op](*args, dropout_p=dropout_p, **ref_kw)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ def _table(name, table, window, heads, ref):
 def _mask(mask, batch_windows, n, ref):
     if mask is None:
         return
-    check_tensor("mask", mask, ndim=3, layout="(nW, N, N)")
+    check_tensor("mask", mask, ndim=3, layout="(nW, N, N)", dtypes=FLOAT_DTYPES + (torch.bool,))
     nw = mask.shape[0]
     if nw < 1 or tuple(mask.shape[1:]) != (n, n):
         raise ValueError(f"mask: expected shape (nW, {n}, {n}) = (nW, N, N), got {tuple(mask.shape)}")
@@ -98,8 +104,8 @@ def _mask(mask, batch_windows, n, ref):
 
 
 def _dropout(dropout_p):
-    if not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p: expected a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p <= 1:
+        raise ValueError(f"dropout_p: expected a number in [0, 1], got {dropout_p!r}")
     return float(dropout_p)
 
 
@@ -152,10 +158,24 @@ def _block_qkv(qkv, pad_qkv):
             )
 
 
+def _mask_to(mask, q):
+    """timm adds the mask to the logits, so it promotes: a bool mask adds 0/1, and a float mask
+    whose dtype promotes with q's to q's (float32 mask, float64 module; float16 mask, float32
+    module) adds its values exactly. Cast those to q's dtype -- the same numbers timm's add uses;
+    leave the rest for :func:`_same` (float32 with float16/bfloat16 q is autocast's mix; other
+    mixes raise naming ``mask``)."""
+    if mask is None or mask.dtype == q.dtype:
+        return mask
+    if mask.dtype == torch.bool or (mask.is_floating_point() and torch.promote_types(q.dtype, mask.dtype) == q.dtype):
+        return mask.to(q.dtype)
+    return mask
+
+
 def _same(main: dict, aux: dict) -> None:
     """One device for all; one dtype for the activations ``main``; the ``aux`` tensors (tables,
     logit_scale, mask, pad_qkv) in that dtype too, or float32 when the activations are
-    float16/bfloat16 -- what autocast hands over (parameters stay float32)."""
+    float16/bfloat16 -- what autocast hands over (parameters stay float32). A mask of another
+    dtype that timm's add accepts was already cast by :func:`_mask_to`."""
     names, tensors = list(main) + list(aux), list(main.values()) + list(aux.values())
     check_same(names, tensors, dtype=False)
     check_same(list(main), list(main.values()))
@@ -186,7 +206,8 @@ def _finite(mask=None, **tensors):
 
 
 def window_attention(q, k, v, rel_pos_table, window_size, mask: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, *, dropout_p: float = 0.0, backend: str = "auto"):
+                     scale: Optional[float] = None, *, dropout_p: float = 0.0, sdpa: bool = False,
+                     backend: str = "auto"):
     """Swin V1 W-MSA on partitioned windows.
 
     q, k, v: (B*nW, heads, N, d), N = Mh*Mw; rel_pos_table: ((2Mh-1)(2Mw-1), heads) (timm's
@@ -194,15 +215,22 @@ def window_attention(q, k, v, rel_pos_table, window_size, mask: Optional[torch.T
     scale: d**-0.5 if None. Returns (B*nW, heads, N, d)::
 
         softmax((q*scale) @ k^T + table[rel_index] + mask[w]) @ v
+
+    mask may also be bool (adds 0/1) or a float dtype that promotes to q's (cast, as timm's add
+    does). sdpa: for the reference backend, compute as timm's ``fused_attn`` path
+    (``F.scaled_dot_product_attention``, see :func:`fastswin.reference.swin.window_attention`);
+    the other backends ignore it (they are fused kernels either way).
     """
     window = _window(window_size)
     n = _qkv_windows(q, k, v, window)
     _table("rel_pos_table", rel_pos_table, window, q.shape[1], "q")
     _mask(mask, q.shape[0], n, "q")
+    mask = _mask_to(mask, q)
     _same(dict(q=q, k=k, v=v), dict(rel_pos_table=rel_pos_table, mask=mask))
     scale, dropout_p = _scale(scale), _dropout(dropout_p)
     _finite(q=q, k=k, v=v, rel_pos_table=rel_pos_table, mask=mask)
-    return _dispatch("window_attention", backend, (q, k, v, rel_pos_table, window, mask, scale), dropout_p)
+    return _dispatch("window_attention", backend, (q, k, v, rel_pos_table, window, mask, scale), dropout_p,
+                     bool(sdpa))
 
 
 def window_attention_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask: Optional[torch.Tensor] = None,
@@ -214,12 +242,15 @@ def window_attention_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask: 
     Returns (B*nW, heads, N, d)::
 
         softmax(cos(q, k) * exp(min(logit_scale, log 100)) + 16*sigmoid(table[rel_index]) + mask[w]) @ v
+
+    mask dtypes as in :func:`window_attention`. No ``sdpa``: timm's V2 has no fused path.
     """
     window = _window(window_size)
     n = _qkv_windows(q, k, v, window)
     _logit_scale(logit_scale, q.shape[1])
     _table("rel_pos_table", rel_pos_table, window, q.shape[1], "q")
     _mask(mask, q.shape[0], n, "q")
+    mask = _mask_to(mask, q)
     _same(dict(q=q, k=k, v=v), dict(logit_scale=logit_scale, rel_pos_table=rel_pos_table, mask=mask))
     dropout_p = _dropout(dropout_p)
     _finite(q=q, k=k, v=v, logit_scale=logit_scale, rel_pos_table=rel_pos_table, mask=mask)
@@ -227,7 +258,7 @@ def window_attention_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask: 
 
 
 def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale: Optional[float] = None,
-                             pad_qkv: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
+                             pad_qkv: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0, sdpa: bool = False,
                              backend: str = "auto"):
     """Swin V1 (S)W-MSA at block level: timm ``SwinTransformerBlock._attn`` between qkv and proj.
 
@@ -237,6 +268,7 @@ def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale:
     Roll, pad (after the roll), partition, -100 mask on the padded size, reverse, crop, roll back:
     see :func:`fastswin.reference.swin.shifted_window_attention`. The caller applies timm's rule
     "window = resolution, shift = 0 where resolution <= window" (unless always_partition).
+    sdpa: as in :func:`window_attention` (reference only).
     """
     window = _window(window_size)
     shift = _shift(shift_size, window)
@@ -246,7 +278,7 @@ def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale:
     scale, dropout_p = _scale(scale), _dropout(dropout_p)
     _finite(qkv=qkv, rel_pos_table=rel_pos_table, pad_qkv=pad_qkv)
     args = (qkv, rel_pos_table, window, shift, scale, pad_qkv)
-    return _dispatch("shifted_window_attention", backend, args, dropout_p)
+    return _dispatch("shifted_window_attention", backend, args, dropout_p, bool(sdpa))
 
 
 def shifted_window_attention_v2(qkv, logit_scale, rel_pos_table, window_size, shift_size,

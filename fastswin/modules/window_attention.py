@@ -19,6 +19,7 @@ dropout). In eval mode, or with ``attn_drop=0``, every backend can run.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -46,6 +47,28 @@ def _check_x_block(x: torch.Tensor, dim: int) -> None:
         raise ValueError(f"x: expected a 4-D tensor (B, H, W, C={dim}), got {got}")
 
 
+def _attn_dropout_p(module: nn.Module) -> float:
+    """The ``dropout_p`` of a call: ``attn_drop.p`` in training, 0 in eval (timm's ``attn_drop``)."""
+    return module.attn_drop.p if module.training else 0.0
+
+
+def _use_fused_attn(experimental: bool = False) -> bool:
+    """timm's ``use_fused_attn`` (``timm.layers.config``): the same function when timm is
+    importable (so ``set_fused_attn`` and ``TIMM_FUSED_ATTN`` read at timm's import act alike);
+    otherwise its logic on ``TIMM_FUSED_ATTN`` (0 off, 1 on for tested layers, 2 on for
+    experimental ones too; unset means 1) without making timm a dependency."""
+    try:
+        from timm.layers import use_fused_attn as timm_use_fused_attn
+    except ImportError:
+        pass
+    else:
+        return bool(timm_use_fused_attn(experimental=experimental))
+    if not hasattr(F, "scaled_dot_product_attention"):
+        return False
+    level = int(os.environ["TIMM_FUSED_ATTN"]) if "TIMM_FUSED_ATTN" in os.environ else 1
+    return level > 1 if experimental else level > 0
+
+
 @torch.no_grad()
 def _trunc_normal_(t: torch.Tensor, std: float, lo: float = -2.0, hi: float = 2.0) -> torch.Tensor:
     """timm's ``trunc_normal_`` (inverse-CDF method: one uniform draw per element, bounds
@@ -66,7 +89,15 @@ class WindowAttention(nn.Module):
     Args (as timm): dim, num_heads, head_dim (dim // num_heads if None), window_size,
     qkv_bias, attn_drop, proj_drop, device, dtype; plus ``backend``
     ("auto" | "reference" | "triton" | "cuda").
+
+    ``fused_attn`` is timm's flag, set the same way (``use_fused_attn(experimental=True)``: False
+    unless ``TIMM_FUSED_ATTN=2`` or timm's ``set_fused_attn(True, experimental=True)``). When True
+    the reference backend computes as timm's fused branch (``F.scaled_dot_product_attention``
+    with bias + mask as ``attn_mask``, SDPA's own scale, SDPA's dropout), so the result equals
+    timm's with the same flag; the Triton/CUDA backends are fused kernels and ignore it.
     """
+
+    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -93,6 +124,7 @@ class WindowAttention(nn.Module):
         attn_dim = head_dim * num_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        self.fused_attn = _use_fused_attn(experimental=True)
 
         # Registration order = timm's (state_dict key order and the RNG draws of init).
         self.relative_position_bias_table = nn.Parameter(
@@ -153,16 +185,15 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
 
-    def _dropout_p(self) -> float:
-        return self.attn_drop.p if self.training else 0.0
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*nW, N, C) partitioned windows; mask: (nW, N, N) additive or None -> (B*nW, N, C)."""
         _check_x(x, self.window_area, self.dim)
         B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = window_attention(q, k, v, self.relative_position_bias_table, self.window_size, mask, self.scale,
-                                  dropout_p=self._dropout_p(), backend=self.backend)
+        # timm's fused branch ignores self.scale (SDPA's default 1/sqrt(d), computed its own way)
+        scale = None if self.fused_attn else self.scale
+        out = window_attention(q, k, v, self.relative_position_bias_table, self.window_size, mask, scale,
+                               dropout_p=_attn_dropout_p(self), sdpa=self.fused_attn, backend=self.backend)
         out = out.transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(out))
 
@@ -179,8 +210,10 @@ class WindowAttention(nn.Module):
         B, H, W, _ = x.shape
         qkv = self.qkv(x).view(B, H, W, 3, self.num_heads, -1)
         pad_qkv = None if self.qkv.bias is None else self.qkv.bias.view(3, self.num_heads, -1)
+        scale = None if self.fused_attn else self.scale
         out = shifted_window_attention(qkv, self.relative_position_bias_table, self.window_size, shift_size,
-                                          self.scale, pad_qkv, dropout_p=self._dropout_p(), backend=self.backend)
+                                       scale, pad_qkv, dropout_p=_attn_dropout_p(self), sdpa=self.fused_attn,
+                                       backend=self.backend)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -193,7 +226,8 @@ class WindowAttentionV2(nn.Module):
 
     Args (as timm V2): dim, window_size, num_heads, qkv_bias, qkv_bias_separate, attn_drop,
     proj_drop, pretrained_window_size, device, dtype; plus ``backend``. ``window_size`` may also
-    be an int here (timm V2's module needs a pair).
+    be an int here (timm V2's module needs a pair). No ``fused_attn``: timm 1.0.31's V2 module
+    has no fused path (always the explicit softmax).
     """
 
     def __init__(
@@ -297,9 +331,6 @@ class WindowAttentionV2(nn.Module):
         """((2Mh-1)(2Mw-1), heads): the raw cpb_mlp output (16*sigmoid is applied in the op)."""
         return self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
 
-    def _dropout_p(self) -> float:
-        return self.attn_drop.p if self.training else 0.0
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*nW, N, C) partitioned windows; mask: (nW, N, N) or None -> (B*nW, N, C)."""
         win_h, win_w = self.window_size
@@ -307,7 +338,7 @@ class WindowAttentionV2(nn.Module):
         B_, N, C = x.shape
         q, k, v = self._qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = window_attention_v2(q, k, v, self.logit_scale, self._rel_pos_table(), self.window_size, mask,
-                                     dropout_p=self._dropout_p(), backend=self.backend)
+                                  dropout_p=_attn_dropout_p(self), backend=self.backend)
         out = out.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(out))
 
@@ -322,7 +353,7 @@ class WindowAttentionV2(nn.Module):
         if self.q_bias is not None:
             pad_qkv = torch.cat((self.q_bias, self.k_bias, self.v_bias)).view(3, self.num_heads, -1)
         out = shifted_window_attention_v2(qkv, self.logit_scale, self._rel_pos_table(), self.window_size,
-                                             shift_size, pad_qkv, dropout_p=self._dropout_p(), backend=self.backend)
+                                          shift_size, pad_qkv, dropout_p=_attn_dropout_p(self), backend=self.backend)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -1,9 +1,10 @@
 """Reference Swin V1 / V2 window attention, timm 1.0.31 semantics to the bit.
 
 Plain PyTorch, any float dtype (float64 included), any device, differentiable everywhere.
-Sources: timm ``models/swin_transformer.py`` (``WindowAttention`` non-fused path,
-``SwinTransformerBlock._attn``, ``get_attn_mask``) and ``models/swin_transformer_v2.py``
-(``WindowAttention``, ``SwinTransformerV2Block._attn``).
+Sources: timm ``models/swin_transformer.py`` (``WindowAttention`` -- ``sdpa=False`` is its
+non-fused path, ``sdpa=True`` its ``fused_attn`` one --, ``SwinTransformerBlock._attn``,
+``get_attn_mask``) and ``models/swin_transformer_v2.py`` (``WindowAttention``, which has no fused
+path in timm 1.0.31, ``SwinTransformerV2Block._attn``).
 
 Notation: window ``(Mh, Mw)``, ``N = Mh*Mw`` tokens per window, ``nW`` windows per image,
 ``heads`` heads of ``d`` channels. Windows are ordered batch-major (index ``b*nW + w``) and
@@ -131,8 +132,9 @@ def _add_mask_softmax_dropout_matmul(attn, mask, v, dropout_p):
 # ---- Swin V1 ----------------------------------------------------------------------------------
 
 
-def window_attention(q, k, v, rel_pos_table, window_size, mask=None, scale=None, *, dropout_p: float = 0.0):
-    """Swin V1 W-MSA on partitioned windows (timm ``WindowAttention``, non-fused path).
+def window_attention(q, k, v, rel_pos_table, window_size, mask=None, scale=None, *, dropout_p: float = 0.0,
+                     sdpa: bool = False):
+    """Swin V1 W-MSA on partitioned windows (timm ``WindowAttention``).
 
     q, k, v: (B*nW, heads, N, d); rel_pos_table: ((2Mh-1)(2Mw-1), heads), timm's
     ``relative_position_bias_table``; mask: (nW, N, N) additive or None; scale: d**-0.5 if None.
@@ -140,13 +142,34 @@ def window_attention(q, k, v, rel_pos_table, window_size, mask=None, scale=None,
 
         out = softmax((q*scale) @ k^T + table[rel_index].permute(2, 0, 1) + mask[w]) @ v
 
-    in that order of operations (scale is applied to q, not to the logits).
+    ``sdpa=False`` (default): timm's non-fused path, in that order of operations (scale applied
+    to q, not to the logits). ``sdpa=True``: timm's fused path (``fused_attn``), to the bit:
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask broadcast to (B*nW, heads,
+    N, N), dropout_p=dropout_p)`` (``scale=None`` leaves SDPA its own default, as timm does).
     """
+    if sdpa:
+        return _window_attention_sdpa(q, k, v, rel_pos_table, window_size, mask, scale, dropout_p)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     attn = (q * scale) @ k.transpose(-2, -1)
     attn = attn + _gather_bias(rel_pos_table, window_size).unsqueeze(0)
     return _add_mask_softmax_dropout_matmul(attn, mask, v, dropout_p)
+
+
+def _window_attention_sdpa(q, k, v, rel_pos_table, window_size, mask, scale, dropout_p):
+    # timm WindowAttention.forward, ``if self.fused_attn:`` branch
+    attn_mask = _gather_bias(rel_pos_table, window_size).unsqueeze(0)  # 1, heads, N, N
+    if mask is not None:
+        batch_windows, heads, n = q.shape[0], q.shape[1], q.shape[2]
+        num_win = mask.shape[0]
+        mask = mask.view(1, num_win, 1, n, n).expand(batch_windows // num_win, -1, heads, -1, -1)
+        attn_mask = attn_mask + mask.reshape(-1, heads, n, n)
+    # float32 table/mask with float16/bfloat16 q outside autocast: SDPA wants one dtype (under
+    # autocast SDPA casts them itself, as in timm, so leave them alone there).
+    if attn_mask.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
+        attn_mask = attn_mask.to(q.dtype)
+    extra = {} if scale is None else {"scale": scale}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **extra)
 
 
 def _block(qkv, window_size, shift_size, pad_qkv, attend: Callable) -> torch.Tensor:
@@ -184,7 +207,7 @@ def _block(qkv, window_size, shift_size, pad_qkv, attend: Callable) -> torch.Ten
 
 
 def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale=None, pad_qkv=None, *,
-                             dropout_p: float = 0.0):
+                             dropout_p: float = 0.0, sdpa: bool = False):
     """Swin V1 (S)W-MSA at block level: timm ``SwinTransformerBlock._attn`` between ``qkv`` and ``proj``.
 
     qkv: (B, H, W, 3, heads, d), the qkv linear applied to the block's (B, H, W, C) input,
@@ -199,13 +222,14 @@ def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale=
     (window = resolution, shift = 0) in each dimension where the resolution is <= the window,
     unless ``always_partition=True``. That is the caller's decision (pass the block's
     ``window_size`` and ``shift_size``); a window larger than the map is padded, as timm does with
-    ``always_partition=True``. Requires 0 <= shift < window.
+    ``always_partition=True``. Requires 0 <= shift < window. ``sdpa``: as in :func:`window_attention`
+    (timm's fused path per window; ``scale=None`` then means SDPA's default).
     """
-    if scale is None:
+    if scale is None and not sdpa:
         scale = qkv.shape[-1] ** -0.5
 
     def attend(q, k, v, mask):
-        return window_attention(q, k, v, rel_pos_table, window_size, mask, scale, dropout_p=dropout_p)
+        return window_attention(q, k, v, rel_pos_table, window_size, mask, scale, dropout_p=dropout_p, sdpa=sdpa)
 
     return _block(qkv, window_size, shift_size, pad_qkv, attend)
 
