@@ -151,18 +151,66 @@ def test_border_taps_match_grid_sample(hw, seed):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+NONFINITE_VALS = [float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 3.0, -3.0, 0.3]
+
+
+def nonfinite_pos(dtype=torch.float64):
+    """Every pair of (y, x) from NONFINITE_VALS: one or both coordinates NaN/Inf, huge, off the map
+    or on it. Shape (1, 8, 8, 2)."""
+    v = torch.tensor(NONFINITE_VALS, dtype=torch.float64)
+    return torch.stack(torch.meshgrid(v, v, indexing="ij"), dim=-1).unsqueeze(0).to(dtype)
+
+
 @needs_op
-def test_nonfinite_and_huge_positions_read_zero():
-    """Positions with no tap on the map, including Inf/NaN/1e30 (range-checked before the float
-    -> int conversion, so no undefined behaviour): the output and both gradients are 0."""
-    feat = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    vals = [float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 3.0, -3.0]
-    pos = torch.tensor([[[[v, 0.0] for v in vals] + [[0.0, v] for v in vals]]], dtype=torch.float64)
-    pos.requires_grad_()
-    out = op(feat, pos)
-    assert torch.equal(out, torch.zeros_like(out))
-    gf, gp = torch.autograd.grad(out, (feat, pos), torch.randn_like(out))
-    assert torch.equal(gf, torch.zeros_like(gf)) and torch.equal(gp, torch.zeros_like(gp))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(4, 5), (1, 5), (4, 1)])
+def test_nonfinite_and_huge_positions_like_grid_sample(dtype, hw, seed):
+    """NaN/Inf positions give what the CPU grid_sample gives, bit for bit where it is NaN or 0:
+    NaN outputs, no grad_feat contribution, NaN in the *other* coordinate's grad_pos. Huge finite
+    ones (range-checked before the float -> int conversion: no undefined behaviour) read 0 with
+    zero gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    H, W = hw
+    feat = torch.randn(1, 3, H, W, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    pos = nonfinite_pos(dtype).requires_grad_()
+    out, ref = op(feat, pos), grid_ref(feat, pos)
+    assert out.isnan().any()  # the case this test is about
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol, equal_nan=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    ours = torch.autograd.grad(out, (feat, pos), g)
+    refs = torch.autograd.grad(ref, (feat, pos), g)
+    assert refs[1].isnan().any() and not refs[1].isnan().all()
+    for a, b in zip(ours, refs):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+    # One gradient at a time (grad_pos alone takes its own path).
+    (gp,) = torch.autograd.grad(op(feat.detach(), pos), (pos,), g)
+    torch.testing.assert_close(gp, refs[1], rtol=tol, atol=tol, equal_nan=True)
+    # The deterministic backward is the same code on CPU; C == 0: empty sums, no NaN (as ATen).
+    empty_f = torch.zeros(1, 0, H, W, dtype=dtype, requires_grad=True)
+    (gp0,) = torch.autograd.grad(op(empty_f, pos).sum(), (pos,))
+    (gp0_ref,) = torch.autograd.grad(grid_ref(empty_f, pos).sum(), (pos,))
+    assert torch.equal(gp0, gp0_ref) and not gp0.any()
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nonfinite_positions_low_precision(dtype, seed):
+    """Half types compute in float: the float32 CPU grid_sample's NaN rule on the same values
+    (the CPU grid_sample's own half-precision fallback converts floor(NaN) to int, undefined)."""
+    gen = torch.Generator().manual_seed(seed)
+    feat = torch.randn(1, 3, 4, 5, generator=gen).to(dtype).requires_grad_()
+    pos = nonfinite_pos(dtype).requires_grad_()
+    f32, p32 = feat.detach().float().requires_grad_(), pos.detach().float().requires_grad_()
+    out, ref = op(feat, pos), grid_ref(f32, p32)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, rtol=LOWP_RTOL[dtype], atol=1e-3, equal_nan=True)
+    g = torch.randn(out.shape, generator=gen).to(dtype)
+    for a, b in zip(torch.autograd.grad(out, (feat, pos), g), torch.autograd.grad(ref, (f32, p32), g.float())):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=LOWP_RTOL[dtype] * b.nan_to_num().abs().max().item() + 1e-3, equal_nan=True)
 
 
 @needs_op
@@ -382,6 +430,79 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@needs_op
+@pytest.mark.parametrize("backend", ["cuda", "reference", "auto"])
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu_like_grid_sample(backend, amp_dtype, monkeypatch, seed):
+    """Under torch.autocast ATen's grid_sampler runs in float32 (autocast's fp32 list): so does
+    every backend. Low-precision inputs are cast up, the output is float32, gradients come back
+    in the inputs' dtypes."""
+    monkeypatch.delenv("FASTSWIN_BACKEND", raising=False)
+    feat, pos = make_inputs((2, 3, 5, 7, 4, 6), torch.bfloat16, seed=seed)
+    feat.requires_grad_()
+    pos.requires_grad_()
+    with torch.autocast("cpu", dtype=amp_dtype):
+        out = fs_bilinear_sample(feat, pos, backend=backend)
+        ref = grid_ref(feat, pos)
+    assert ref.dtype == torch.float32 and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, dtype=torch.float32)
+    for a, b in zip(torch.autograd.grad(out, (feat, pos), g), torch.autograd.grad(ref, (feat, pos), g)):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+
+
+@needs_op
+def test_autocast_op_mixed_dtypes_and_compile(seed):
+    """The op itself (torch.library autocast rule): mixed low/full precision inputs, as
+    grid_sample accepts them under autocast; float64 is left alone; autocast off changes nothing;
+    torch.compile traces it."""
+    feat, pos = make_inputs((2, 3, 5, 7, 4, 6), torch.float32, seed=seed)
+    for f, p in [(feat.bfloat16(), pos), (feat, pos.half()), (feat.bfloat16(), pos.bfloat16())]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = op(f, p), grid_ref(f, p)
+        assert out.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    f64, p64 = feat.double(), pos.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert op(f64, p64).dtype == torch.float64
+    assert op(feat.bfloat16(), pos.bfloat16()).dtype == torch.bfloat16  # no autocast: runs in bf16
+    fn = torch.compile(op, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(feat.bfloat16(), pos)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, grid_ref(feat.bfloat16().float(), pos), rtol=1e-5, atol=1e-5)
+
+
+FAKE_BAD = [
+    # (feat shape, pos shape, grad_out shape or None, message)
+    ((2, 3, 0, 7), (2, 4, 6, 2), None, "feat: expected H >= 1 and W >= 1"),
+    ((2, 3, 5, 0), (2, 4, 6, 2), None, "feat: expected H >= 1 and W >= 1"),
+    ((2, 3, 5, 7), (2, 4, 6, 2), (2, 3, 4, 5), "grad_out: expected shape"),
+    ((2, 3, 5, 7), (2, 4, 6, 2), (2, 3, 4, 6, 1), "grad_out: expected shape"),
+    ((2, 3, 5, 7), (2, 4, 6, 2), (2, 2, 4, 6), "grad_out: expected shape"),
+]
+
+
+@needs_op
+@pytest.mark.parametrize("fshape,pshape,gshape,msg", FAKE_BAD)
+def test_fake_kernels_check_like_cpp(fshape, pshape, gshape, msg):
+    """The fake (meta) kernels reject what the C++ checks reject, with the same message."""
+    for device in ("cpu", "meta"):
+        feat, pos = torch.randn(fshape).to(device), (torch.rand(pshape) * 2 - 1).to(device)
+        with pytest.raises(RuntimeError, match=msg):
+            if gshape is None:
+                op(feat, pos)
+            else:
+                torch.ops.fastswin.bilinear_sample_backward(torch.randn(gshape).to(device), feat, pos, True, True, False)
+    # dtype and device of grad_out, on meta tensors.
+    feat, pos = torch.empty(2, 3, 5, 7, device="meta"), torch.empty(2, 4, 6, 2, device="meta")
+    with pytest.raises(RuntimeError, match="grad_out: expected dtype"):
+        torch.ops.fastswin.bilinear_sample_backward(torch.empty(2, 3, 4, 6, dtype=torch.float64, device="meta"), feat, pos, True, True, False)
+    with pytest.raises(RuntimeError, match="grad_out: expected device"):
+        torch.ops.fastswin.bilinear_sample_backward(torch.empty(2, 3, 4, 6), feat, pos, True, True, False)
+
+
 # ---- bad inputs -------------------------------------------------------------------------------------
 
 BAD = [
@@ -545,10 +666,19 @@ class TestCUDA:
             torch.use_deterministic_algorithms(was)
 
     def test_nonfinite_positions_and_backend_choice(self, seed):
-        feat = torch.randn(1, 2, 4, 5, device="cuda")
-        vals = [float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 3.0, -3.0]
-        pos = torch.tensor([[[[v, 0.0] for v in vals] + [[0.0, v] for v in vals]]], device="cuda")
-        assert not op(feat, pos).any()
+        """NaN/Inf positions follow the CPU grid_sample's rule (bilinear_sample.h), as on CPU."""
+        feat = torch.randn(1, 2, 4, 5, device="cuda", requires_grad=True)
+        pos = nonfinite_pos(torch.float32).cuda().requires_grad_()
+        out = op(feat, pos)
+        f_cpu, p_cpu = feat.detach().cpu().requires_grad_(), pos.detach().cpu().requires_grad_()
+        ref = grid_ref(f_cpu, p_cpu)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+        g = torch.randn_like(out)
+        refs = torch.autograd.grad(ref, (f_cpu, p_cpu), g.cpu())
+        for det in (False, True):
+            grads = torch.ops.fastswin.bilinear_sample_backward(g, feat.detach(), pos.detach(), True, True, det)
+            for a, b in zip(grads, refs):
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, equal_nan=True)
         assert backends.select("bilinear_sample", "auto", feat, pos.clamp(-1, 1)).backend == "cuda"
 
     @pytest.mark.slow

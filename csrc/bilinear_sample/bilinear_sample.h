@@ -20,15 +20,31 @@
 //   d out/d iy = (x1-ix)*(f[y1,x0]-f[y0,x0]) + (ix-x0)*(f[y1,x1]-f[y0,x1])
 //   d ix/d x = (W - 1) / 2,  d iy/d y = (H - 1) / 2
 //
-// A sample with ix outside [-1, W) or iy outside [-1, H) (or a NaN/Inf coordinate) has no tap on
-// the map: it reads 0 and gets a zero gradient. Testing this *before* the float -> int conversion
-// of floor(ix) keeps huge or non-finite positions free of undefined behaviour.
+// A sample with ix outside [-1, W) or iy outside [-1, H) (NaN / Inf included) has no tap on the
+// map. A finite one reads 0 and gets a zero gradient. Testing this *before* the float -> int
+// conversion of floor(ix) keeps huge or non-finite positions free of undefined behaviour.
+//
+// NaN / Inf positions follow the CPU grid_sample of float32/float64 (ATen's vectorized
+// grid_sampler_2d_cpu_kernel, whose weights 1 - (ix - floor(ix)) etc. turn NaN while its masked
+// gathers read 0): if the unnormalized ix or iy is not finite (a NaN/Inf coordinate, or a finite one
+// whose unnormalization overflows),
+//   out       = NaN in every channel;
+//   grad_feat = no contribution (the sample touches no tap);
+//   grad_pos  = d/dx is NaN iff iy is not finite, d/dy is NaN iff ix is not finite (the other
+//               component is 0: its formula multiplies the zero taps by finite weights), when
+//               C >= 1; with C == 0 both are 0 (an empty sum), as in ATen.
+// Finite positions with no tap (1e30, -3) read 0 with zero gradients, as in grid_sample.
+// Other grid_sample paths may differ: the CUDA one and the CPU scalar fallback (float16 / bfloat16,
+// weights in the low precision) convert floor(NaN / Inf) to an integer tap index before their
+// bounds test, which is device- or implementation-defined. We follow the float32/float64 CPU rule
+// on every device and in every dtype (the half types compute in float).
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include <ATen/core/Tensor.h>
 
@@ -56,6 +72,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T floor_(T v) {
 #endif
 }
 
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool isfinite_(T v) {
+#if defined(__CUDA_ARCH__)
+  return ::isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+// A quiet NaN of T (constexpr: usable in device code, torch's nvcc flags include
+// --expt-relaxed-constexpr).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T nan_() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
 // The four taps of one sample. T is the accumulation type (at::opmath_type<scalar_t>).
 template <typename T>
 struct Taps {
@@ -63,12 +95,15 @@ struct Taps {
   T ix, iy;                  // unnormalized coordinates
   T nw, ne, sw, se;          // bilinear weights
   bool in_x0, in_x1, in_y0, in_y1;  // which tap rows/columns lie on the map
+  bool finite_x, finite_y;   // ix / iy are finite (always set)
 
-  // Returns false when no tap lies on the map (the sample reads 0, gradients are 0); the other
-  // fields are then unset.
+  // Returns false when no tap lies on the map: the sample reads outside_value() and its gradients
+  // come from add_outside_coord_grad(); only ix, iy, finite_x, finite_y are then set.
   C10_HOST_DEVICE C10_ALWAYS_INLINE bool init(T y, T x, int64_t H, int64_t W) {
     ix = unnormalize(x, W);
     iy = unnormalize(y, H);
+    finite_x = isfinite_(ix);
+    finite_y = isfinite_(iy);
     // floor(ix) in [-1, W-1] <=> -1 <= ix < W. Written so that NaN fails.
     if (!(ix >= T(-1) && ix < static_cast<T>(W) && iy >= T(-1) && iy < static_cast<T>(H))) {
       return false;
@@ -88,9 +123,42 @@ struct Taps {
     return true;
   }
 
+  // init() from the (y, x) pair yx[0], yx[1] of pos, converted to T.
+  template <typename scalar_t>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool init_at(const scalar_t* yx, int64_t H, int64_t W) {
+    return init(static_cast<T>(yx[0]), static_cast<T>(yx[1]), H, W);
+  }
+
+  // The value of a sample with no tap on the map: 0, or NaN if ix or iy is not finite.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T outside_value() const {
+    return (finite_x && finite_y) ? T(0) : nan_<T>();
+  }
+
+  // d out/d(ix, iy) of a sample with no tap on the map, for one or more channels (C >= 1):
+  // 0, except that d/dix is NaN if iy is not finite and d/diy is NaN if ix is not finite.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void add_outside_coord_grad(T& gix, T& giy) const {
+    if (!finite_y) gix = nan_<T>();
+    if (!finite_x) giy = nan_<T>();
+  }
+
   // Offset of the north-west tap in a contiguous (H, W) plane. Only ever used to index taps that
   // lie on the map, so no pointer is formed outside the plane.
   C10_HOST_DEVICE C10_ALWAYS_INLINE int64_t offset(int64_t W) const { return y0 * W + x0; }
+
+  // All four taps lie on the map (after a true init()).
+  C10_HOST_DEVICE C10_ALWAYS_INLINE bool interior() const { return in_x0 && in_x1 && in_y0 && in_y1; }
+
+  // sample() for an interior() sample: the same arithmetic, without the per-tap tests.
+  template <typename scalar_t>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T sample_interior(const scalar_t* plane, int64_t W) const {
+    const int64_t o = offset(W);
+    T acc = T(0);
+    acc += static_cast<T>(plane[o]) * nw;
+    acc += static_cast<T>(plane[o + 1]) * ne;
+    acc += static_cast<T>(plane[o + W]) * sw;
+    acc += static_cast<T>(plane[o + W + 1]) * se;
+    return acc;
+  }
 
   // Interpolated value of one contiguous (H, W) plane, accumulated in T in grid_sample's order
   // (nw, ne, sw, se).
@@ -103,6 +171,12 @@ struct Taps {
     if (in_y1 && in_x0) acc += static_cast<T>(plane[o + W]) * sw;
     if (in_y1 && in_x1) acc += static_cast<T>(plane[o + W + 1]) * se;
     return acc;
+  }
+
+  // The output of one plane: sample() if init() found taps (has_taps), else outside_value().
+  template <typename scalar_t>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T value(bool has_taps, const scalar_t* plane, int64_t W) const {
+    return has_taps ? sample(plane, W) : outside_value();
   }
 
   // Adds g * d out/d(ix, iy) for one channel to (gix, giy), in grid_sample's order.
@@ -144,6 +218,27 @@ struct Taps {
     if (in_y1 && in_x1) plane[o + W + 1] += se * g;
   }
 };
+
+// One output element: plane = &feat[n, c], yx = &pos[n, k] (contiguous) -> out[n, c, k] in T.
+// The per-element forward of the CUDA kernel.
+template <typename T, typename scalar_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T sample_element(const scalar_t* plane, const scalar_t* yx, int64_t H, int64_t W) {
+  Taps<T> t;
+  const bool has_taps = t.init_at(yx, H, W);
+  return t.value(has_taps, plane, W);
+}
+
+// The gradient of one (n, c) plane of feat, samples in order (deterministic): adds
+// sum_k g[k] * weight into acc (H, W), from g = &grad_out[n, c, 0] (K,) and pos_n = &pos[n] (K, 2).
+// Nobody else may write acc meanwhile. Used by the CPU backward and the deterministic CUDA one.
+template <typename T, typename scalar_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void scatter_plane(T* acc, const scalar_t* g, const scalar_t* pos_n, int64_t K,
+                                                     int64_t H, int64_t W) {
+  for (int64_t k = 0; k < K; ++k) {
+    Taps<T> t;
+    if (t.init_at(pos_n + 2 * k, H, W)) t.scatter(acc, W, static_cast<T>(g[k]));
+  }
+}
 
 }  // namespace bilinear
 

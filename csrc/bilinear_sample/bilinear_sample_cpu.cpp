@@ -1,6 +1,6 @@
 // CPU kernels of fastswin::bilinear_sample and fastswin::bilinear_sample_backward.
 //
-// Formula and shapes: bilinear_sample.h. All four float dtypes; half types accumulate in float,
+// Formula, shapes and NaN / Inf positions: bilinear_sample.h. All four float dtypes; half types accumulate in float,
 // double in double (at::opmath_type). Inputs may have any strides: they are made contiguous
 // first (opcheck passes an expanded, stride-0 grad_out).
 //
@@ -75,6 +75,10 @@ using bilinear::Taps;
 // header that happens to define it.
 constexpr int64_t kGrain = 32768;
 
+// Samples per forward task: their taps (computed once) stay in L1 while the task loops over the
+// C channels.
+constexpr int64_t kChunk = 64;
+
 at::Tensor bilinear_sample_cpu(const at::Tensor& feat_in, const at::Tensor& pos_in) {
   check_bilinear_sample_inputs(feat_in, pos_in);
   const at::Tensor feat = feat_in.contiguous();
@@ -89,21 +93,32 @@ at::Tensor bilinear_sample_cpu(const at::Tensor& feat_in, const at::Tensor& pos_
     const scalar_t* f = feat.const_data_ptr<scalar_t>();
     const scalar_t* p = pos.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    // One task per output element, in memory order of out (n, c, k): contiguous writes, and the
-    // chunk of a task stays within few (n, c) planes of feat. The weights are recomputed per
-    // channel: a handful of flops next to four gathers.
-    at::parallel_for(0, N * C * K, kGrain / 8, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t k = idx % K;
-        const int64_t nc = idx / K;
-        const int64_t n = nc / C;
-        const scalar_t* pk = p + (n * K + k) * 2;
-        Taps<opmath_t> t;
-        opmath_t v = opmath_t(0);
-        if (t.init(static_cast<opmath_t>(pk[0]), static_cast<opmath_t>(pk[1]), H, W)) {
-          v = t.sample(f + nc * H * W, W);
+    // One task per (n, chunk of kChunk samples): the taps of its samples are computed once, then
+    // each channel c reads plane (n, c) of feat and writes a contiguous run of out[n, c].
+    const int64_t chunks = (K + kChunk - 1) / kChunk;
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, kChunk * C));
+    at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
+      Taps<opmath_t> taps[kChunk];
+      bool has[kChunk], interior[kChunk];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / chunks;
+        const int64_t k0 = (task % chunks) * kChunk;
+        const int64_t len = std::min(kChunk, K - k0);
+        const scalar_t* pk = p + (n * K + k0) * 2;
+        for (int64_t j = 0; j < len; ++j) {
+          has[j] = taps[j].init_at(pk + 2 * j, H, W);
+          interior[j] = has[j] && taps[j].interior();
         }
-        o[idx] = static_cast<scalar_t>(v);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t nc = n * C + c;
+          const scalar_t* plane = f + nc * H * W;
+          scalar_t* orow = o + nc * K + k0;
+          for (int64_t j = 0; j < len; ++j) {
+            // Interior samples (most of DAT's) skip the four per-tap bounds tests.
+            const opmath_t v = interior[j] ? taps[j].sample_interior(plane, W) : taps[j].value(has[j], plane, W);
+            orow[j] = static_cast<scalar_t>(v);
+          }
+        }
       }
     });
   });
@@ -140,16 +155,7 @@ std::tuple<at::Tensor, at::Tensor> bilinear_sample_backward_cpu(const at::Tensor
       const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, 8 * K));
       at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
-          const int64_t n = nc / C;
-          const scalar_t* gk = g + nc * K;
-          const scalar_t* pn = p + n * K * 2;
-          opmath_t* plane = a + nc * H * W;
-          for (int64_t k = 0; k < K; ++k) {
-            Taps<opmath_t> t;
-            if (t.init(static_cast<opmath_t>(pn[2 * k]), static_cast<opmath_t>(pn[2 * k + 1]), H, W)) {
-              t.scatter(plane, W, static_cast<opmath_t>(gk[k]));
-            }
-          }
+          bilinear::scatter_plane(a + nc * H * W, g + nc * K, p + (nc / C) * K * 2, K, H, W);
         }
       });
       grad_feat = acc_type == feat.scalar_type() ? acc : acc.to(feat.scalar_type());
@@ -166,11 +172,13 @@ std::tuple<at::Tensor, at::Tensor> bilinear_sample_backward_cpu(const at::Tensor
           const int64_t n = nk / K, k = nk % K;
           opmath_t gix = opmath_t(0), giy = opmath_t(0);
           Taps<opmath_t> t;
-          if (t.init(static_cast<opmath_t>(p[2 * nk]), static_cast<opmath_t>(p[2 * nk + 1]), H, W)) {
+          if (t.init_at(p + 2 * nk, H, W)) {
             for (int64_t c = 0; c < C; ++c) {
               const int64_t nc = n * C + c;
               t.add_coord_grad(f + nc * H * W, W, static_cast<opmath_t>(g[nc * K + k]), gix, giy);
             }
+          } else if (C > 0) {
+            t.add_outside_coord_grad(gix, giy);  // NaN for a non-finite coordinate (header)
           }
           gp[2 * nk] = static_cast<scalar_t>(gy_mult * giy);  // DAT's order: (y, x)
           gp[2 * nk + 1] = static_cast<scalar_t>(gx_mult * gix);

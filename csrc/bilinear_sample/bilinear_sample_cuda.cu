@@ -1,6 +1,7 @@
 // CUDA kernels of fastswin::bilinear_sample and fastswin::bilinear_sample_backward.
 //
-// Formula and shapes: bilinear_sample.h (shared with the CPU kernels, grid_sample's arithmetic).
+// Formula, shapes and NaN / Inf positions: bilinear_sample.h (shared with the CPU kernels,
+// grid_sample's arithmetic; the per-element forward and the per-plane scatter live there too).
 // feat (N, C, H, W), pos (N, K = Hk*Wk, 2) in (y, x) order, out / grad_out (N, C, K); all made
 // contiguous first. Offsets are int64 (N*C*H*W and N*C*K may exceed 2^31), except in the
 // forward's int32 instantiation, used only when every offset fits.
@@ -73,13 +74,8 @@ __global__ void __launch_bounds__(kForwardThreads)
     const index_t k = idx % K;
     const index_t nc = idx / K;
     const index_t n = nc / C;
-    const scalar_t* pk = pos + (n * K + k) * 2;
-    Taps<opmath_t> t;
-    opmath_t v = opmath_t(0);
-    if (t.init(static_cast<opmath_t>(pk[0]), static_cast<opmath_t>(pk[1]), H, W)) {
-      v = t.sample(feat + nc * H * W, W);
-    }
-    out[idx] = static_cast<scalar_t>(v);
+    out[idx] = static_cast<scalar_t>(
+        bilinear::sample_element<opmath_t>(feat + nc * H * W, pos + (n * K + k) * 2, H, W));
   }
 }
 
@@ -101,9 +97,8 @@ __global__ void __launch_bounds__(kSamples* kSplit)
 
   // No early return: every thread must reach __syncthreads() below.
   if (k < K) {
-    const scalar_t* pk = pos + (n * K + k) * 2;
     Taps<opmath_t> t;
-    if (t.init(static_cast<opmath_t>(pk[0]), static_cast<opmath_t>(pk[1]), H, W)) {
+    if (t.init_at(pos + (n * K + k) * 2, H, W)) {
       const int64_t HW = H * W;
       for (int64_t c = threadIdx.y; c < C; c += kSplit) {
         const int64_t nc = n * C + c;
@@ -119,6 +114,10 @@ __global__ void __launch_bounds__(kSamples* kSplit)
           t.add_coord_grad(feat + nc * HW, W, g, gix, giy);
         }
       }
+    } else if (kPosGrad && threadIdx.y < C) {
+      // No tap: d/d(ix, iy) is 0, or NaN for a non-finite coordinate (bilinear_sample.h), in
+      // every thread that owns a channel, so the shared-memory sum below carries it.
+      t.add_outside_coord_grad(gix, giy);
     }
   }
 
@@ -149,19 +148,9 @@ __global__ void __launch_bounds__(kPlaneThreads)
     bilinear_sample_backward_plane_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ pos,
                                           at::opmath_type<scalar_t>* __restrict__ grad_feat_acc, int64_t NC,
                                           int64_t C, int64_t H, int64_t W, int64_t K) {
-  using opmath_t = at::opmath_type<scalar_t>;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t nc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; nc < NC; nc += stride) {
-    const int64_t n = nc / C;
-    const scalar_t* gk = grad_out + nc * K;
-    const scalar_t* pn = pos + n * K * 2;
-    opmath_t* plane = grad_feat_acc + nc * H * W;
-    for (int64_t k = 0; k < K; ++k) {
-      Taps<opmath_t> t;
-      if (t.init(static_cast<opmath_t>(pn[2 * k]), static_cast<opmath_t>(pn[2 * k + 1]), H, W)) {
-        t.scatter(plane, W, static_cast<opmath_t>(gk[k]));
-      }
-    }
+    bilinear::scatter_plane(grad_feat_acc + nc * H * W, grad_out + nc * K, pos + (nc / C) * K * 2, K, H, W);
   }
 }
 
