@@ -71,6 +71,14 @@ def check_same(names: Sequence[str], tensors: Iterable[torch.Tensor], *, device:
             )
 
 
+def autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for this device type? (False for types autocast does not know, e.g. meta.)"""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def finite_checks_enabled() -> bool:
     return os.environ.get("FASTSWIN_CHECK_FINITE", "0") not in ("", "0", "false", "False")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._checks import check_finite, check_same, check_tensor
+from .._checks import autocast_on, check_finite, check_same, check_tensor
 from ..reference import bilinear as _ref
 
 OP = "bilinear_sample"
@@ -21,7 +21,9 @@ backends.register(OP, "reference", reasons=backends.always_able)(_ref.bilinear_s
 def validate(feat: torch.Tensor, pos: torch.Tensor) -> None:
     check_tensor("feat", feat, ndim=4, layout="(N, C, H, W)")
     check_tensor("pos", pos, ndim=4, layout="(N, Hk, Wk, 2)", shape=(feat.shape[0], None, None, 2))
-    check_same(("feat", "pos"), (feat, pos))
+    # Under autocast grid_sample runs in float32 whatever the mix (the op registers the same
+    # autocast rule), so mixed dtypes are legal there, as they are for grid_sample.
+    check_same(("feat", "pos"), (feat, pos), dtype=not autocast_on(feat.device.type))
     if feat.shape[2] < 1 or feat.shape[3] < 1:
         raise ValueError(f"feat: expected H >= 1 and W >= 1, got shape {tuple(feat.shape)}")
     check_finite("pos", pos)

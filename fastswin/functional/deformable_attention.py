@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backends
-from .._checks import check_finite, check_same, check_tensor, pair
+from .._checks import autocast_on, check_finite, check_same, check_tensor, pair
 from ..reference import dat as _ref
 
 OP = "deformable_attention"
@@ -23,13 +23,6 @@ def _positive_int(name, v):
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return v
-
-
-def _autocast_on(t: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(t.device.type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return False
 
 
 def validate(
@@ -76,7 +69,7 @@ def validate(
     # Under autocast the original mixes dtypes on purpose (fp16 products, fp32 bias and positions)
     # and every op casts its inputs; outside autocast any mismatch makes one of its ops fail.
     check_same(names[:3], tensors[:3])
-    check_same(names, tensors, dtype=not _autocast_on(q))
+    check_same(names, tensors, dtype=not autocast_on(q.device.type))
     for n, t in zip(names, tensors):
         check_finite(n, t)
 

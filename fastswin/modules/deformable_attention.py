@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import backends
-from .._checks import check_finite, check_tensor
+from .._checks import autocast_on, check_finite, check_tensor
 from ..functional.bilinear_sample import bilinear_sample
 from ..functional.deformable_attention import deformable_attention
 from ..reference import dat as _ref
@@ -49,13 +49,6 @@ def _positive_int(name, v):
     if i < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return i
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return False
 
 
 def _trunc_normal_(t: torch.Tensor, std: float, mean: float = 0.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
@@ -298,7 +291,7 @@ class DeformableAttention(nn.Module):
         w = self.proj_q.weight
         if x.device != w.device:
             raise ValueError(f"x: expected device {w.device} (the device of the module's parameters), got {x.device}")
-        if x.dtype != w.dtype and not _autocast_on(x.device.type):
+        if x.dtype != w.dtype and not autocast_on(x.device.type):
             raise TypeError(
                 f"x: expected dtype {str(w.dtype).replace('torch.', '')} (the dtype of the module's parameters), "
                 f"got {str(x.dtype).replace('torch.', '')}"
@@ -307,7 +300,7 @@ class DeformableAttention(nn.Module):
 
     def _sample(self, feat, pos):
         if feat.dtype != pos.dtype:
-            if not _autocast_on(feat.device.type):
+            if not autocast_on(feat.device.type):
                 raise TypeError(
                     f"x: {str(feat.dtype).replace('torch.', '')} input gives {str(pos.dtype).replace('torch.', '')} "
                     "sample positions (the original's offset range is a default-dtype tensor) and the original's "
