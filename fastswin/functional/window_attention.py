@@ -3,9 +3,9 @@
 Exact formulas and shapes: :mod:`fastswin.reference.swin`. Each function validates its inputs
 (errors name the argument), then runs on the backend chosen by :func:`fastswin.backends.dispatch`.
 
-Backends registered here: ``reference`` only. Fused kernels register themselves later (in
-:mod:`fastswin.ops`); until then an explicit ``backend="triton"``/``"cuda"`` raises
-:class:`fastswin.BackendUnavailableError` ("not implemented for this op").
+Backends: ``reference`` (registered here) and ``triton`` (registered by
+:mod:`fastswin.ops.window_attention_triton`, imported at the end of this file). ``cuda`` has no
+window-attention kernel yet: asking for it raises :class:`fastswin.BackendUnavailableError`.
 
 Attention dropout (``dropout_p > 0``) is part of the call so that the modules can train with
 timm's ``attn_drop``. Only the reference implements it, and the policy lives here, not in the
@@ -301,3 +301,8 @@ def shifted_window_attention_v2(qkv, logit_scale, rel_pos_table, window_size, sh
     _finite(qkv=qkv, logit_scale=logit_scale, rel_pos_table=rel_pos_table, pad_qkv=pad_qkv)
     args = (qkv, logit_scale, rel_pos_table, window, shift, pad_qkv)
     return _dispatch("shifted_window_attention_v2", backend, args, dropout_p)
+
+
+# The Triton backend registers itself for the four ops above (it imports triton only on first
+# use, so this import is cheap and safe without triton).
+from ..ops import window_attention_triton as _triton_ops  # noqa: E402,F401
