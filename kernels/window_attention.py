@@ -224,6 +224,37 @@ def _normalize_bwd(dxh, xh, inv, nrm):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
+@triton.jit
+def _key_block_scores(
+    K, V, PAD, qd, c_scale, TAB_h, MASK_w, b, h, bt, offs_n, offs_d, valid_d, offs_m, valid_m, r_m, c_m,
+    stride_kb, stride_kr, stride_kc, stride_kh, stride_kd,
+    stride_vb, stride_vr, stride_vc, stride_vh, stride_vd,
+    stride_pw, stride_ph, stride_pd, stride_mi, stride_mj,
+    n_win, n_win_w, img_h, img_w, hp, wp, shift_h, shift_w,
+    N: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr, BLOCK_MODE: tl.constexpr, HAS_PAD: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr, ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One key block of a query block's loop (forward and dq kernels): load k and v of tokens
+    ``offs_n`` (pad tokens from PAD), normalise k for V2, and return ``(v, kd, s, valid)`` with
+    ``kd`` the k used in the dot and ``s`` the (BLOCK_M, BLOCK_N) logits incl. bias and mask."""
+    _, r_n, c_n, sr_n, sc_n, valid_n, real_n = _tokens(
+        b, offs_n, n_win, n_win_w, img_h, img_w, shift_h, shift_w, N, MH, MW, BLOCK_MODE)
+    k = _load_rows(K + h * stride_kh, bt, sr_n, sc_n, stride_kb, stride_kr, stride_kc, stride_kd, offs_d,
+                   valid_d, valid_n, real_n, PAD + stride_pw + h * stride_ph, stride_pd, HAS_PAD)
+    v = _load_rows(V + h * stride_vh, bt, sr_n, sc_n, stride_vb, stride_vr, stride_vc, stride_vd, offs_d,
+                   valid_d, valid_n, real_n, PAD + 2 * stride_pw + h * stride_ph, stride_pd, HAS_PAD)
+    if COSINE:
+        k_hat, k_inv, k_nrm = _normalize(k, ACC)
+        kd = k_hat.to(k.dtype)
+    else:
+        kd = k
+    s, dots, idx, valid = _scores(qd, kd, c_scale, TAB_h, MASK_w, stride_mi, stride_mj, offs_m, offs_n,
+                                  valid_m, valid_n, r_m, c_m, r_n, c_n, hp, wp, shift_h, shift_w,
+                                  MH, MW, HAS_MASK, HAS_SHIFT, ACC, DOT_PREC)
+    return v, kd, s, valid
+
+
 # A shift of 1 must stay a runtime int: Triton would otherwise specialise it into a constexpr.
 _RUNTIME = ["shift_h", "shift_w"]
 
@@ -273,20 +304,13 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + offs_n0
-        _, r_n, c_n, sr_n, sc_n, valid_n, real_n = _tokens(
-            b, offs_n, n_win, n_win_w, img_h, img_w, shift_h, shift_w, N, MH, MW, BLOCK_MODE)
-        k = _load_rows(K + h * stride_kh, bt, sr_n, sc_n, stride_kb, stride_kr, stride_kc, stride_kd, offs_d,
-                       valid_d, valid_n, real_n, PAD + stride_pw + h * stride_ph, stride_pd, HAS_PAD)
-        v = _load_rows(V + h * stride_vh, bt, sr_n, sc_n, stride_vb, stride_vr, stride_vc, stride_vd, offs_d,
-                       valid_d, valid_n, real_n, PAD + 2 * stride_pw + h * stride_ph, stride_pd, HAS_PAD)
-        if COSINE:
-            k_hat, k_inv, k_nrm = _normalize(k, ACC)
-            kd = k_hat.to(k.dtype)
-        else:
-            kd = k
-        s, dots, idx, valid = _scores(qd, kd, c_scale, TAB_h, MASK_w, stride_mi, stride_mj, offs_m, offs_n,
-                                      valid_m, valid_n, r_m, c_m, r_n, c_n, hp, wp, shift_h, shift_w,
-                                      MH, MW, HAS_MASK, HAS_SHIFT, ACC, DOT_PREC)
+        v, kd, s, valid = _key_block_scores(
+            K, V, PAD, qd, c_scale, TAB_h, MASK_w, b, h, bt, offs_n, offs_d, valid_d, offs_m, valid_m, r_m, c_m,
+            stride_kb, stride_kr, stride_kc, stride_kh, stride_kd,
+            stride_vb, stride_vr, stride_vc, stride_vh, stride_vd,
+            stride_pw, stride_ph, stride_pd, stride_mi, stride_mj,
+            n_win, n_win_w, img_h, img_w, hp, wp, shift_h, shift_w,
+            N, MH, MW, BLOCK_MODE, HAS_PAD, HAS_SHIFT, HAS_MASK, COSINE, ACC, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -474,20 +498,13 @@ def _bwd_q_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + offs_n0
-        _, r_n, c_n, sr_n, sc_n, valid_n, real_n = _tokens(
-            b, offs_n, n_win, n_win_w, img_h, img_w, shift_h, shift_w, N, MH, MW, BLOCK_MODE)
-        k = _load_rows(K + h * stride_kh, bt, sr_n, sc_n, stride_kb, stride_kr, stride_kc, stride_kd, offs_d,
-                       valid_d, valid_n, real_n, PAD + stride_pw + h * stride_ph, stride_pd, HAS_PAD)
-        v = _load_rows(V + h * stride_vh, bt, sr_n, sc_n, stride_vb, stride_vr, stride_vc, stride_vd, offs_d,
-                       valid_d, valid_n, real_n, PAD + 2 * stride_pw + h * stride_ph, stride_pd, HAS_PAD)
-        if COSINE:
-            k_hat, k_inv, k_nrm = _normalize(k, ACC)
-            kd = k_hat.to(k.dtype)
-        else:
-            kd = k
-        s, dots, idx, valid = _scores(qd, kd, c_scale, TAB_h, MASK_w, stride_mi, stride_mj, offs_m, offs_n,
-                                      valid_m, valid_n, r_m, c_m, r_n, c_n, hp, wp, shift_h, shift_w,
-                                      MH, MW, HAS_MASK, HAS_SHIFT, ACC, DOT_PREC)
+        v, kd, s, valid = _key_block_scores(
+            K, V, PAD, qd, c_scale, TAB_h, MASK_w, b, h, bt, offs_n, offs_d, valid_d, offs_m, valid_m, r_m, c_m,
+            stride_kb, stride_kr, stride_kc, stride_kh, stride_kd,
+            stride_vb, stride_vr, stride_vc, stride_vh, stride_vd,
+            stride_pw, stride_ph, stride_pd, stride_mi, stride_mj,
+            n_win, n_win_w, img_h, img_w, hp, wp, shift_h, shift_w,
+            N, MH, MW, BLOCK_MODE, HAS_PAD, HAS_SHIFT, HAS_MASK, COSINE, ACC, DOT_PREC)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
