@@ -2,8 +2,9 @@
 # One call on a GPU machine (offline): build in place with the preinstalled torch/triton, run the
 # GPU test tier, compute-sanitizer on the compiled kernels, and the benchmarks.
 #   bash benchmarks/gpu_check.sh OUTDIR [benchmark args...]
-# Writes to OUTDIR: env.txt, build.log, pytest.log, sanitizer_*.log, results/<device>.csv,
-# bench.log, and a summary.txt listing each step's exit code. Never downloads anything.
+# Writes to OUTDIR: env.txt, build.log, pytest.log, sanitizer_*.log, results/<device>.csv (+ PNGs
+# if matplotlib is there), bench.log, bench_flex.log, model_macs.log, README.md with the table
+# (report.log), and a summary.txt listing each step's exit code. Never downloads anything.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUTDIR [benchmark args]}"; shift || true
 mkdir -p "$OUT/results"
@@ -29,7 +30,18 @@ if command -v compute-sanitizer >/dev/null; then
   done
 fi
 
-timeout 420 python3 -m benchmarks.run --out "$OUT/results" "$@" >"$OUT/bench.log" 2>&1
+# Rows are saved after every case, so a timeout keeps what was measured. flex compiles per case
+# (tens of seconds each): it runs in its own call after everything else.
+timeout 420 python3 -m benchmarks.run --out "$OUT/results" --skip-provider flex "$@" >"$OUT/bench.log" 2>&1
 status bench $?
 tail -30 "$OUT/bench.log"
+if [ $# = 0 ]; then
+  timeout 300 python3 -m benchmarks.run --out "$OUT/results" --provider flex >"$OUT/bench_flex.log" 2>&1
+  status bench_flex $?
+fi
+timeout 120 python3 -m benchmarks.model_macs >"$OUT/model_macs.log" 2>&1
+status model_macs $?
+cp README.md "$OUT/README.md"
+python3 -m benchmarks.report --results "$OUT/results" --readme "$OUT/README.md" >"$OUT/report.log" 2>&1
+status report $?
 cat "$OUT/summary.txt"

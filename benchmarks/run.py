@@ -21,6 +21,7 @@ import torch
 from . import timing
 from .cases import CASES
 from .providers import PROVIDERS, build, flop_counter_check
+from .providers_common import first_line
 
 COLUMNS = ["timestamp", "git_commit", "device", "torch", "triton", "cuda", "op", "case", "shape", "dtype",
            "mode", "provider", "ms_p20", "ms_p50", "ms_p80", "peak_mem_mb", "flops", "bytes", "gbps", "tflops",
@@ -36,6 +37,8 @@ def _args(argv):
     ap.add_argument("--op", action="append", choices=ops, help="only these ops (repeatable)")
     ap.add_argument("--case", action="append", help="only these case names (repeatable), e.g. swin_t_s1")
     ap.add_argument("--provider", action="append", help="only these providers (repeatable), e.g. naive")
+    ap.add_argument("--skip-provider", action="append", default=[],
+                    help="leave these providers out (repeatable), e.g. flex (compiles for each case)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd"], help="default: both")
     ap.add_argument("--batch", type=int, help="override every case's batch")
@@ -87,6 +90,7 @@ def main(argv=None):
         print("no case matches the filters", file=sys.stderr)
         return 2
     rows, skipped = [], []
+    saved, path = 0, None
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     hdr = f"{'op':<16}{'case':<12}{'provider':<17}{'mode':<9}{'p50 ms':>10}{'p20':>9}{'p80':>9}{'GB/s':>9}{'TFLOP/s':>9}{'peak MB':>9}"
     print(hdr)
@@ -94,21 +98,37 @@ def main(argv=None):
         batch = a.batch or (case.cpu_batch if small else case.batch)
         counted = flop_counter_check(case, device, dtype, batch)
         for prov in PROVIDERS[case.op]:
-            if a.provider and prov not in a.provider:
+            if (a.provider and prov not in a.provider) or prov in a.skip_provider:
                 continue
             torch.manual_seed(0)
-            work = build(case, prov, device, dtype, batch)
+            try:
+                work = build(case, prov, device, dtype, batch)
+            except Exception as e:  # one broken provider must not end the run
+                work = f"building it raised {first_line(e)}"
             if isinstance(work, str):
                 skipped.append((case.op, case.name, prov, work))
+                print(f"  skip {case.op}/{case.name}/{prov}: {work}", flush=True)
                 continue
             if counted is not None and counted != work.flops:
                 print(f"  note: analytic FLOPs {work.flops} != FlopCounterMode {counted} for {case.name}")
             for mode in modes:
                 fn = work.fwd if mode == "fwd" else work.fwd_bwd
+                if isinstance(fn, str):
+                    skipped.append((case.op, case.name, f"{prov} ({mode})", fn))
+                    print(f"  skip {case.op}/{case.name}/{prov} ({mode}): {fn}", flush=True)
+                    continue
                 if fn is None:
                     continue
-                ms = timing.bench(fn, device)
-                mem = timing.peak_memory_mb(lambda: fn(0), device)
+                try:
+                    ms = timing.bench(fn, device)
+                    mem = timing.peak_memory_mb(lambda: fn(0), device)
+                except Exception as e:  # e.g. out of memory at this batch
+                    why = f"timing it raised {first_line(e)}"
+                    skipped.append((case.op, case.name, f"{prov} ({mode})", why))
+                    print(f"  skip {case.op}/{case.name}/{prov} ({mode}): {why}", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 nflops = work.flops * (3 if mode == "fwd+bwd" else 1)  # backward ~ 2x forward matmuls
                 nbytes = work.bytes * (3 if mode == "fwd+bwd" else 1)
                 row = dict(timestamp=stamp, **env, op=case.op, case=case.name, shape=work.shape,
@@ -120,24 +140,34 @@ def main(argv=None):
                 print(f"{case.op:<16}{case.name:<12}{prov:<17}{mode:<9}{_fmt(ms[1]):>10}{_fmt(ms[0]):>9}"
                       f"{_fmt(ms[2]):>9}{_fmt(row['gbps'], 1):>9}{_fmt(row['tflops'], 2):>9}{_fmt(mem, 1):>9}"
                       f"   [{i}/{len(cases)}]", flush=True)
+        if not a.no_save:  # after every case: a run cut short by a timeout keeps what it measured
+            path = _save(rows[saved:], a.out, env, device) or path
+            saved = len(rows)
     if skipped:
         print("\nskipped (provider cannot run here):")
         for op, name, prov, why in skipped:
             print(f"  {op}/{name}/{prov}: {why}")
     _summary(rows)
-    if rows and not a.no_save:
-        os.makedirs(a.out, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        slug = "cpu" if device.type == "cpu" else slug
-        path = os.path.join(a.out, f"{slug}.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    if path:
         print(f"\n{len(rows)} rows appended to {os.path.relpath(path)}")
     return 0
+
+
+def _save(rows, out, env, device):
+    """Append ``rows`` to ``out/<device>.csv`` (header if new); returns the path (None: no rows)."""
+    if not rows:
+        return None
+    os.makedirs(out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    slug = "cpu" if device.type == "cpu" else slug
+    path = os.path.join(out, f"{slug}.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def _summary(rows):

@@ -534,3 +534,9 @@ backends.register("shifted_window_attention", "triton", reasons=_reasons_block, 
     shifted_window_attention_triton)
 backends.register("shifted_window_attention_v2", "triton", reasons=_reasons_block_v2, auto_reasons=_auto_reasons)(
     shifted_window_attention_v2_triton)
+
+
+# FlopCounterMode (and tools built on it) count the fused ops like the unfused matmuls.
+from .flop_formulas import register as _register_flop_formulas  # noqa: E402
+
+_register_flop_formulas()

@@ -1,0 +1,56 @@
+"""GMACs of whole models at their paper resolution, counted by ``FlopCounterMode`` (one
+multiply-add = 2 FLOPs, so MACs = FLOPs / 2; papers' "FLOPs" for Swin are these MACs).
+
+    python -m benchmarks.model_macs [--model NAME ...]
+
+Models are built by timm with ``pretrained=False`` (offline; weights do not change the count).
+fastswin's flop formulas are registered first, so a model whose attention runs on a fused
+fastswin op counts the same as on the reference path. FlopCounterMode counts matmuls,
+convolutions and SDPA; softmax, norms, GELU and the like are not counted, as in the papers.
+DAT-T is not here: fastswin has DAT's attention module, not the whole network.
+"""
+import argparse
+import sys
+
+import torch
+
+# timm name -> (input side, GMACs the paper reports)
+MODELS = {
+    "swin_tiny_patch4_window7_224": (224, 4.5),   # Swin-T, Liu et al. 2021, Table 1
+    "swinv2_tiny_window8_256": (256, 5.9),        # SwinV2-T, Liu et al. 2022 / timm model card
+}
+
+
+def count_macs(model: torch.nn.Module, side: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastswin.ops import flop_formulas
+
+    flop_formulas.register()
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="benchmarks.model_macs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", choices=sorted(MODELS), help="default: all")
+    a = ap.parse_args(argv)
+    try:
+        import timm
+    except ImportError as e:
+        print(f"timm is not importable ({e}): no model to count")
+        return 1
+    for name in a.model or MODELS:
+        side, paper = MODELS[name]
+        model = timm.create_model(name, pretrained=False).eval()
+        g = count_macs(model, side) / 1e9
+        print(f"{name} @ {side}: {g:.2f} GMACs (paper: {paper} G)")
+    print("DAT-T: skipped (fastswin has DAT's attention module, not the whole network)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
