@@ -41,3 +41,7 @@ def bilinear_sample(feat: torch.Tensor, pos: torch.Tensor, *, backend: str = "au
     from ..ops import bilinear_sample as _ops  # noqa: F401
 
     return backends.dispatch(OP, backend, feat, pos)
+
+
+# The Triton backend registers itself (it imports triton only on first use).
+from ..ops import bilinear_sample_triton as _triton_ops  # noqa: E402,F401  (registers the "triton" backend)

@@ -111,3 +111,7 @@ def deformable_attention(
         OP, backend, q, k, v, pos, rpe_table, attn_bias, query_size=tuple(query_size), n_heads=n_heads,
         n_groups=n_groups, variant=variant, scale=scale, grid_dtype=grid_dtype, dropout_p=float(dropout_p),
     )
+
+
+# The Triton backend registers itself (it imports triton only on first use).
+from ..ops import deformable_attention_triton as _triton_ops  # noqa: E402,F401  (registers the "triton" backend)
