@@ -198,3 +198,9 @@ def deformable_attention_triton(
 
 
 backends.register(OP, "triton", reasons=_reasons, auto_reasons=_auto_reasons)(deformable_attention_triton)
+
+
+# FlopCounterMode counts the fused op like the unfused matmuls.
+from .flop_formulas import register as _register_flop_formulas  # noqa: E402
+
+_register_flop_formulas()

@@ -69,6 +69,16 @@ def shifted_window_attention_v2_bwd_flop(dout_shape, qkv_shape, mult_shape, tabl
     return 2 * _block(qkv_shape, window_h, window_w)
 
 
+def deformable_attention_fwd_flop(q_shape, k_shape, *args, **kwargs) -> int:
+    """q (B*heads, c, HW), k (B*heads, c, Ns): q^T k and P v^T, 2 * BH * HW * Ns * c each."""
+    bh, c, hw = q_shape
+    return 4 * bh * hw * k_shape[2] * c
+
+
+def deformable_attention_bwd_flop(dout_shape, q_shape, k_shape, *args, **kwargs) -> int:
+    return 2 * deformable_attention_fwd_flop(q_shape, k_shape)
+
+
 # op name in torch.ops.fastswin -> formula (positional arguments as in the op's schema, tensors
 # replaced by their shapes; FlopCounterMode passes ``out_shape=`` too, swallowed by **kwargs).
 FORMULAS = {
@@ -80,6 +90,8 @@ FORMULAS = {
     "shifted_window_attention_triton_bwd": shifted_window_attention_bwd_flop,
     "shifted_window_attention_v2_triton_fwd": shifted_window_attention_v2_fwd_flop,
     "shifted_window_attention_v2_triton_bwd": shifted_window_attention_v2_bwd_flop,
+    "deformable_attention_triton_fwd": deformable_attention_fwd_flop,
+    "deformable_attention_triton_bwd": deformable_attention_bwd_flop,
 }
 
 
@@ -89,10 +101,11 @@ def register() -> List[str]:
     Must run before a ``FlopCounterMode`` is constructed (it copies the registry then)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    try:  # defines the Triton ops; a no-op if already imported (or being imported)
-        importlib.import_module("fastswin.ops.window_attention_triton")
-    except ImportError:
-        pass
+    for mod in ("fastswin.ops.window_attention_triton", "fastswin.ops.deformable_attention_triton"):
+        try:  # defines the Triton ops; a no-op if already imported (or being imported)
+            importlib.import_module(mod)
+        except ImportError:
+            pass
     for name, formula in FORMULAS.items():
         if name in _REGISTERED or not hasattr(torch.ops.fastswin, name):
             continue
