@@ -6,7 +6,8 @@ Modules (drop-in for the originals, same parameter and buffer names):
 * :class:`fastswin.WindowAttentionV2` -- timm ``swin_transformer_v2.WindowAttention``
 * :class:`fastswin.DeformableAttention` -- LeapLabTHU/DAT ``DAttentionBaseline`` (``variant="dat"|"dat++"``)
 
-Functions: :mod:`fastswin.functional`. Backend choice: :mod:`fastswin.backends`. Plain PyTorch
+Whole models: :func:`fastswin.patch` (timm / torchvision Swin V1 and V2, in place, state_dict
+unchanged) and :func:`fastswin.unpatch`. Functions: :mod:`fastswin.functional`. Backend choice: :mod:`fastswin.backends`. Plain PyTorch
 oracle: :mod:`fastswin.reference`.
 """
 from ._lazy import lazy_exports
@@ -18,6 +19,9 @@ _EXPORTS = {
     "WindowAttention": ".modules.window_attention",
     "WindowAttentionV2": ".modules.window_attention",
     "DeformableAttention": ".modules.deformable_attention",
+    "patch": "._patch",
+    "unpatch": "._patch",
+    "is_patched": "._patch",
     "functional": ".functional",
     "reference": ".reference",
     "backends": ".backends",
