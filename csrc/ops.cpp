@@ -20,6 +20,45 @@ TORCH_LIBRARY(fastswin, m) {
       "bilinear_sample_backward(Tensor grad_out, Tensor feat, Tensor pos, bool feat_requires_grad, "
       "bool pos_requires_grad, bool deterministic) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+
+  // Swin V1 / V2 window attention, CUDA only (csrc/window_attention/window_attention_cuda.cu; no
+  // CPU kernel: calls on CPU tensors raise the dispatcher's "no kernel for CPU" error). Semantics
+  // are those of the Triton ops (kernels/window_attention.py). One op serves V1 and V2:
+  //   scale (heads,) fp32: the per-head logit multiplier -- V1's scale (default head_dim**-0.5)
+  //     repeated, or V2's exp(min(logit_scale, log 100)); cosine=True: V2 (q and k L2-normalised,
+  //     rel_pos_table is then 16*sigmoid(cpb output)).
+  //   q, k, v (B*nW, heads, N, head_dim) any strides, N = window_h*window_w; rel_pos_table
+  //     ((2*window_h-1)*(2*window_w-1), heads); mask (nW, N, N) additive, window b uses b % nW.
+  //   out (B*nW, heads, N, head_dim) contiguous; lse (B*nW, heads, N) float32.
+  //   dtypes float16, bfloat16, float32 (q, k, v, dout, out share one); head_dim 1..128.
+  // Backward: gradients not asked for (need_dtable=False; dscale when cosine=False) come back as
+  // empty (0,) tensors. dscale is the gradient of the multiplier (heads,). deterministic=True:
+  // no atomics (the table gradient is then bitwise reproducible).
+  m.def(
+      "window_attention_cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor rel_pos_table, int window_h, "
+      "int window_w, Tensor? mask, Tensor scale, bool cosine) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "window_attention_cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor rel_pos_table, Tensor out, "
+      "Tensor lse, int window_h, int window_w, Tensor? mask, Tensor scale, bool cosine, bool need_dtable, "
+      "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dtable, Tensor dscale)",
+      {at::Tag::pt2_compliant_tag});
+  // Block level (timm SwinTransformer(V2)Block._attn between the qkv linear and proj): qkv
+  // (B, H, W, 3, heads, head_dim) any strides, before any roll; roll by -shift, pad bottom/right to
+  // window multiples (padded tokens take pad_qkv (3, heads, head_dim), zeros if None), partition,
+  // -100 shift mask on the padded size, all in the kernels' addressing; out (B, H, W, heads*head_dim)
+  // contiguous, un-shifted; lse (B*nW, heads, N) float32 over the padded grid's windows.
+  // dpad_qkv: (3, heads, head_dim) (row 0 is 0), empty (0,) when not asked for or pad_qkv is None.
+  m.def(
+      "shifted_window_attention_cuda_fwd(Tensor qkv, Tensor rel_pos_table, int window_h, int window_w, "
+      "int shift_h, int shift_w, Tensor? pad_qkv, Tensor scale, bool cosine) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "shifted_window_attention_cuda_bwd(Tensor dout, Tensor qkv, Tensor rel_pos_table, Tensor out, Tensor lse, "
+      "int window_h, int window_w, int shift_h, int shift_w, Tensor? pad_qkv, Tensor scale, bool cosine, "
+      "bool need_dtable, bool need_dpad, bool deterministic) -> (Tensor dqkv, Tensor dtable, Tensor dpad_qkv, "
+      "Tensor dscale)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -306,3 +306,4 @@ def shifted_window_attention_v2(qkv, logit_scale, rel_pos_table, window_size, sh
 # The Triton backend registers itself for the four ops above (it imports triton only on first
 # use, so this import is cheap and safe without triton).
 from ..ops import window_attention_triton as _triton_ops  # noqa: E402,F401
+from ..ops import window_attention_cuda as _cuda_ops  # noqa: E402,F401
