@@ -176,6 +176,9 @@ def flex_provider(case: Case, provider, device, dtype, batch) -> "Work | str":
         block_mask = create_block_mask(lambda b, h, q, k: q // n == k // n, None, None, seq, seq, device=str(device))
     except Exception as e:
         return f"create_block_mask failed: {first_line(e)}"
+    # A fresh dynamo cache per case: every case is a new shape, and the default recompile limit
+    # (8) would otherwise drop later cases to flex's unfused eager path.
+    torch._dynamo.reset()
     attend = torch.compile(flex_attention, dynamic=False)
 
     def core(qkv, table, logit_scale=None):
