@@ -49,6 +49,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from ._common import acc_dtype
 
 # Tests set this to fill every buffer a kernel must write with NaN first.
 POISON = False
@@ -61,10 +62,6 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     if POISON and t.is_floating_point():
         t.fill_(float("nan"))
     return t
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _TL_ACC = {torch.float64: tl.float64}
@@ -258,7 +255,7 @@ def bilinear_sample_fwd(feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     if n == 0 or c == 0 or k == 0:
         return out
     p = _pos_view(pos)
-    acc = _acc_dtype(feat.dtype if feat.dtype == pos.dtype else torch.float32)
+    acc = acc_dtype(feat.dtype if feat.dtype == pos.dtype else torch.float32)
     bc, bk = _blocks(c, k)
     with _device_ctx(feat):
         _fwd_kernel[(n, triton.cdiv(k, bk))](
@@ -280,7 +277,7 @@ def bilinear_sample_bwd(
     n, c, h, w = feat.shape
     hk, wk = pos.shape[1], pos.shape[2]
     k = hk * wk
-    acc = _acc_dtype(feat.dtype if feat.dtype == pos.dtype else torch.float32)
+    acc = acc_dtype(feat.dtype if feat.dtype == pos.dtype else torch.float32)
     gpos = _alloc((n, hk, wk, 2), pos.dtype, pos.device) if need_pos else None
     if n == 0 or k == 0 or (c == 0 and not need_pos):
         gf = torch.zeros(feat.shape, dtype=feat.dtype, device=feat.device) if need_feat else None

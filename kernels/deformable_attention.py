@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from .bilinear_sample import bilinear_sample_bwd, taps
+from ._common import acc_dtype, dot_precision
 
 MAX_BLOCK = 64
 _SCRATCH_ELEMS = 1 << 24
@@ -80,18 +81,6 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     if POISON:
         t.fill_(float("nan"))
     return t
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    if dtype in (torch.float32, torch.float64):
-        return "ieee"
-    return None
 
 
 def _device_ctx(t: torch.Tensor):
@@ -377,7 +366,7 @@ class _Args:
     """Pointers, strides and scalars shared by the three kernels."""
 
     def __init__(self, q, k, v, pos, qgrid, rpe_table, attn_bias, n_heads, n_groups, scale):
-        self.acc = _acc_dtype(q.dtype)
+        self.acc = acc_dtype(q.dtype)
         bh, c, m = q.shape
         ns = k.shape[2]
         self.bh, self.c, self.m, self.ns = bh, c, m, ns
@@ -397,7 +386,7 @@ class _Args:
         bm, bn, bd, nw = self.blocks
         self.meta = dict(HEAD_DIM=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_RPE=rpe_table is not None,
                          HAS_BIAS=attn_bias is not None, ACC=_TL_ACC.get(self.acc, tl.float32),
-                         DOT_PREC=_dot_precision(q.dtype), num_warps=nw)
+                         DOT_PREC=dot_precision(q.dtype), num_warps=nw)
         self.strides = (*q.stride(), *k.stride(), *v.stride(), *self.p.stride(), *self.bias_s)
         self.scalars = (n_heads, n_groups, m, ns, self.th, self.tw)
 

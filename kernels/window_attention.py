@@ -91,6 +91,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from ._common import acc_dtype, dot_precision
 
 # Largest query/key tile. 64 x 64 holds a 7 x 7 (49) or 8 x 8 (64) window in one tile; larger
 # windows (12 x 12 = 144, 16 x 16 = 256, 24 x 24 = 576) are tiled. Tests lower it to exercise the
@@ -523,21 +524,6 @@ def _bwd_q_kernel(
 _TL_ACC = {torch.float64: tl.float64}
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation (and LSE) for fp16/bf16/fp32, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32: IEEE unless the user allowed tf32 for matmuls (torch's own rule); under the
-    # interpreter every dot is an exact numpy matmul anyway. Half types: Triton's default.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    if dtype in (torch.float32, torch.float64):
-        return "ieee"
-    return None
-
-
 def _blocks(n: int, d: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every dim >= 16."""
     bmn = max(16, min(MAX_BLOCK, triton.next_power_of_2(n)))
@@ -610,7 +596,7 @@ def _table_rows(rel_pos_table: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _launch_fwd(g: _Geom, q, k, v, qs, ks, vs, pad, table, mask, ls, scale, out, os_):
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     lse = _alloc((g.bw, g.heads, g.n), acc, q.device)
     if g.bw == 0 or g.heads == 0:
         return lse
@@ -629,7 +615,7 @@ def _launch_fwd(g: _Geom, q, k, v, qs, ks, vs, pad, table, mask, ls, scale, out,
             N=g.n, MH=g.mh, MW=g.mw, HEAD_DIM=g.d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
             BLOCK_MODE=g.block_mode, HAS_PAD=pad is not None, HAS_SHIFT=g.block_mode and (g.shift_h > 0 or g.shift_w > 0),
             HAS_MASK=mask is not None, COSINE=ls is not None,
-            ACC=_TL_ACC.get(acc, tl.float32), DOT_PREC=_dot_precision(q.dtype), num_warps=nw,
+            ACC=_TL_ACC.get(acc, tl.float32), DOT_PREC=dot_precision(q.dtype), num_warps=nw,
         )
     return lse
 
@@ -653,7 +639,7 @@ def _launch_bwd(g: _Geom, q, k, v, qs, ks, vs, pad, table, mask, ls, scale, out,
                 dq, dk, dv, dqs, dks, dvs, lse, need_dtable: bool, need_dpad: bool, deterministic: bool):
     """Runs the backward kernels into dq/dk/dv (preallocated views). Returns
     (dtable (H, T) in acc dtype or None, dpad (2, H, D) for k and v or None, dls (H,) or None)."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     n, nh, t_size = g.n, g.heads, g.t
     if g.bw == 0 or nh == 0:
         z = lambda *s: torch.zeros(s, dtype=acc, device=q.device)  # noqa: E731
@@ -675,7 +661,7 @@ def _launch_bwd(g: _Geom, q, k, v, qs, ks, vs, pad, table, mask, ls, scale, out,
     common = dict(N=n, MH=g.mh, MW=g.mw, HEAD_DIM=g.d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   BLOCK_MODE=g.block_mode, HAS_PAD=pad is not None,
                   HAS_SHIFT=g.block_mode and (g.shift_h > 0 or g.shift_w > 0), HAS_MASK=mask is not None,
-                  COSINE=cosine, ACC=_TL_ACC.get(acc, tl.float32), DOT_PREC=_dot_precision(q.dtype), num_warps=nw)
+                  COSINE=cosine, ACC=_TL_ACC.get(acc, tl.float32), DOT_PREC=dot_precision(q.dtype), num_warps=nw)
 
     def launch_kv(b_start, b_count, dtab_buf, mode, rows):
         _bwd_kv_kernel[(b_count * nh, nblk_n)](
@@ -739,7 +725,7 @@ def window_attention_fwd(
     scale = d ** -0.5 if scale is None else float(scale)
     g = _Geom(bw, nh, d, mh, mw, n_win=mask.shape[0] if mask is not None else 1)
     out = _alloc((bw, nh, n, d), q.dtype, q.device)
-    ls = None if logit_scale is None else logit_scale.detach().reshape(nh).to(_acc_dtype(q.dtype)).contiguous()
+    ls = None if logit_scale is None else logit_scale.detach().reshape(nh).to(acc_dtype(q.dtype)).contiguous()
     lse = _launch_fwd(g, q, k, v, _win_strides(q), _win_strides(k), _win_strides(v), None, rel_pos_table, mask,
                       ls, scale, out, _win_strides(out))
     return out, lse
@@ -768,7 +754,7 @@ def window_attention_bwd(
     dq = _alloc((bw, nh, n, d), q.dtype, q.device)
     dk = _alloc((bw, nh, n, d), q.dtype, q.device)
     dv = _alloc((bw, nh, n, d), q.dtype, q.device)
-    ls = None if logit_scale is None else logit_scale.detach().reshape(nh).to(_acc_dtype(q.dtype)).contiguous()
+    ls = None if logit_scale is None else logit_scale.detach().reshape(nh).to(acc_dtype(q.dtype)).contiguous()
     dtab, _, dls = _launch_bwd(
         g, q, k, v, _win_strides(q), _win_strides(k), _win_strides(v), None, rel_pos_table, mask, ls, scale,
         out, _win_strides(out), dout, _win_strides(dout), dq, dk, dv, _win_strides(dq), _win_strides(dk),
@@ -806,7 +792,7 @@ def shifted_window_attention_fwd(
         pad_qkv = None  # no padding token: never read
     out = _alloc((b, hi, wi, g.heads * g.d), qkv.dtype, qkv.device)
     qs = _qkv_strides(qkv)
-    ls = None if logit_scale is None else logit_scale.detach().reshape(g.heads).to(_acc_dtype(qkv.dtype)).contiguous()
+    ls = None if logit_scale is None else logit_scale.detach().reshape(g.heads).to(acc_dtype(qkv.dtype)).contiguous()
     lse = _launch_fwd(g, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], qs, qs, qs, pad_qkv, rel_pos_table,
                       None, ls, scale, out, _img_strides(out, g.d))
     return out, lse
@@ -828,7 +814,7 @@ def shifted_window_attention_bwd(
     pad_used = pad_qkv if (g.hp, g.wp) != tuple(qkv.shape[1:3]) else None  # no padding token: never read
     qs = _qkv_strides(qkv)
     ds_ = _qkv_strides(dqkv)
-    ls = None if logit_scale is None else logit_scale.detach().reshape(g.heads).to(_acc_dtype(qkv.dtype)).contiguous()
+    ls = None if logit_scale is None else logit_scale.detach().reshape(g.heads).to(acc_dtype(qkv.dtype)).contiguous()
     dtab, dpad, dls = _launch_bwd(
         g, qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], qs, qs, qs, pad_used, rel_pos_table, None, ls, scale,
         out, _img_strides(out, g.d), dout, _img_strides(dout, g.d),
