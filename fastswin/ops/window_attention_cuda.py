@@ -40,6 +40,9 @@ from torch import Tensor
 from .. import _extension, backends
 from .window_attention_triton import (
     MAX_HEAD_DIM,
+    OPS,
+    reasons_by_op,
+    register_backend,
     _bias_table,
     _check_block,
     _check_windowed,
@@ -179,21 +182,8 @@ def _block_reasons(qkv, aux) -> List[str]:
     return _common_reasons(qkv, list(aux), qkv.shape[-1] if qkv.dim() else 0, BLOCK_FWD)
 
 
-def _reasons(q, k, v, rel_pos_table, window_size, mask=None, scale=None) -> List[str]:
-    """Why the CUDA backend cannot run this ``window_attention`` call (empty: it can)."""
-    return _windowed_reasons(q, k, v, (rel_pos_table, mask))
-
-
-def _reasons_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask=None) -> List[str]:
-    return _windowed_reasons(q, k, v, (logit_scale, rel_pos_table, mask))
-
-
-def _reasons_block(qkv, rel_pos_table, window_size, shift_size, scale=None, pad_qkv=None) -> List[str]:
-    return _block_reasons(qkv, (rel_pos_table, pad_qkv))
-
-
-def _reasons_block_v2(qkv, logit_scale, rel_pos_table, window_size, shift_size, pad_qkv=None) -> List[str]:
-    return _block_reasons(qkv, (logit_scale, rel_pos_table, pad_qkv))
+_REASONS = reasons_by_op(_windowed_reasons, _block_reasons)
+_reasons, _reasons_v2, _reasons_block, _reasons_block_v2 = (_REASONS[op] for op in OPS)
 
 
 def _auto_reasons(*args, **kwargs) -> List[str]:
@@ -271,10 +261,5 @@ def shifted_window_attention_v2_cuda(
     return out
 
 
-backends.register("window_attention", "cuda", reasons=_reasons, auto_reasons=_auto_reasons)(window_attention_cuda)
-backends.register("window_attention_v2", "cuda", reasons=_reasons_v2, auto_reasons=_auto_reasons)(
-    window_attention_v2_cuda)
-backends.register("shifted_window_attention", "cuda", reasons=_reasons_block, auto_reasons=_auto_reasons)(
-    shifted_window_attention_cuda)
-backends.register("shifted_window_attention_v2", "cuda", reasons=_reasons_block_v2, auto_reasons=_auto_reasons)(
-    shifted_window_attention_v2_cuda)
+register_backend("cuda", (window_attention_cuda, window_attention_v2_cuda, shifted_window_attention_cuda,
+                          shifted_window_attention_v2_cuda), _REASONS, _auto_reasons)

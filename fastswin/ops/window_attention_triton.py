@@ -365,22 +365,39 @@ def _block_reasons(qkv, aux) -> List[str]:
     return _common_reasons(qkv, list(aux), qkv.shape[-1] if qkv.dim() else 0)
 
 
-def _reasons(q, k, v, rel_pos_table, window_size, mask=None, scale=None) -> List[str]:
-    """Why the Triton backend cannot run this ``window_attention`` call (empty: it can). Shapes
-    are the validator's business; this lists what the kernels do not support."""
-    return _windowed_reasons(q, k, v, (rel_pos_table, mask))
+OPS = ("window_attention", "window_attention_v2", "shifted_window_attention", "shifted_window_attention_v2")
 
 
-def _reasons_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask=None) -> List[str]:
-    return _windowed_reasons(q, k, v, (logit_scale, rel_pos_table, mask))
+def reasons_by_op(windowed, block) -> dict:
+    """A fused backend's reasons functions for the four ops, with the functional entries' argument
+    lists, from its two checks ``windowed(q, k, v, aux)`` and ``block(qkv, aux)`` (``aux``: the
+    other tensors, for device checks). Shapes are the validator's business; these list what the
+    kernels do not support. Shared by the Triton and CUDA backends."""
+
+    def window_attention(q, k, v, rel_pos_table, window_size, mask=None, scale=None) -> List[str]:
+        return windowed(q, k, v, (rel_pos_table, mask))
+
+    def window_attention_v2(q, k, v, logit_scale, rel_pos_table, window_size, mask=None) -> List[str]:
+        return windowed(q, k, v, (logit_scale, rel_pos_table, mask))
+
+    def shifted_window_attention(qkv, rel_pos_table, window_size, shift_size, scale=None, pad_qkv=None):
+        return block(qkv, (rel_pos_table, pad_qkv))
+
+    def shifted_window_attention_v2(qkv, logit_scale, rel_pos_table, window_size, shift_size, pad_qkv=None):
+        return block(qkv, (logit_scale, rel_pos_table, pad_qkv))
+
+    fns = (window_attention, window_attention_v2, shifted_window_attention, shifted_window_attention_v2)
+    return dict(zip(OPS, fns))
 
 
-def _reasons_block(qkv, rel_pos_table, window_size, shift_size, scale=None, pad_qkv=None) -> List[str]:
-    return _block_reasons(qkv, (rel_pos_table, pad_qkv))
+def register_backend(backend: str, fns, reasons: dict, auto_reasons) -> None:
+    """Register ``fns`` (the four public functions, in :data:`OPS` order) as ``backend``."""
+    for op, fn in zip(OPS, fns):
+        backends.register(op, backend, reasons=reasons[op], auto_reasons=auto_reasons)(fn)
 
 
-def _reasons_block_v2(qkv, logit_scale, rel_pos_table, window_size, shift_size, pad_qkv=None) -> List[str]:
-    return _block_reasons(qkv, (logit_scale, rel_pos_table, pad_qkv))
+_REASONS = reasons_by_op(_windowed_reasons, _block_reasons)
+_reasons, _reasons_v2, _reasons_block, _reasons_block_v2 = (_REASONS[op] for op in OPS)
 
 
 def _auto_reasons(first, *args, **kwargs) -> List[str]:
@@ -527,13 +544,8 @@ def shifted_window_attention_v2_triton(
     return out
 
 
-backends.register("window_attention", "triton", reasons=_reasons, auto_reasons=_auto_reasons)(window_attention_triton)
-backends.register("window_attention_v2", "triton", reasons=_reasons_v2, auto_reasons=_auto_reasons)(
-    window_attention_v2_triton)
-backends.register("shifted_window_attention", "triton", reasons=_reasons_block, auto_reasons=_auto_reasons)(
-    shifted_window_attention_triton)
-backends.register("shifted_window_attention_v2", "triton", reasons=_reasons_block_v2, auto_reasons=_auto_reasons)(
-    shifted_window_attention_v2_triton)
+register_backend("triton", (window_attention_triton, window_attention_v2_triton, shifted_window_attention_triton,
+                            shifted_window_attention_v2_triton), _REASONS, _auto_reasons)
 
 
 # FlopCounterMode (and tools built on it) count the fused ops like the unfused matmuls.
