@@ -166,6 +166,29 @@ def _store_cm(X, val, offs_r, valid_r, offs_d, valid_d, stride_r, stride_d):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _key_block_logits(
+    K, V, P_b, BIAS_b, TAB_h, q, scale, qy, qx, bh, start_n, offs_d, valid_d, offs_m, valid_m,
+    stride_kb, stride_kc, stride_kn, stride_vb, stride_vc, stride_vn, stride_pn, stride_pt,
+    stride_am, stride_an, NS, TH, TW,
+    BLOCK_N: tl.constexpr, HAS_RPE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One key block of a query block's loop (forward and dq kernels): load k, v and the sample
+    positions of keys ``start_n + arange(BLOCK_N)``, and return ``(k, v, s, valid)`` with ``s``
+    the (BLOCK_M, BLOCK_N) logits incl. the in-kernel sampled bias."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    valid_n = offs_n < NS
+    k = _load_cm(K + bh * stride_kb, offs_n, valid_n, offs_d, valid_d, stride_kn, stride_kc)
+    v = _load_cm(V + bh * stride_vb, offs_n, valid_n, offs_d, valid_d, stride_vn, stride_vc)
+    py = tl.load(P_b + offs_n * stride_pn, mask=valid_n, other=0.0).to(ACC)
+    px = tl.load(P_b + offs_n * stride_pn + stride_pt, mask=valid_n, other=0.0).to(ACC)
+    s, valid, _, _, _, _, _, _, _, _, _, _, _ = _logits(
+        q, k, scale, TAB_h, qy, qx, py, px, BIAS_b, stride_am, stride_an, offs_m, offs_n, valid_m, valid_n,
+        TH, TW, HAS_RPE, HAS_BIAS, ACC, DOT_PREC)
+    return k, v, s, valid
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, POS, QG, TAB, BIAS, SC, O, LSE,
     stride_qb, stride_qc, stride_qm,
@@ -197,15 +220,10 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, NS, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < NS
-        k = _load_cm(K + bh * stride_kb, offs_n, valid_n, offs_d, valid_d, stride_kn, stride_kc)
-        v = _load_cm(V + bh * stride_vb, offs_n, valid_n, offs_d, valid_d, stride_vn, stride_vc)
-        py = tl.load(P_b + offs_n * stride_pn, mask=valid_n, other=0.0).to(ACC)
-        px = tl.load(P_b + offs_n * stride_pn + stride_pt, mask=valid_n, other=0.0).to(ACC)
-        s, valid, _, _, _, _, _, _, _, _, _, _, _ = _logits(
-            q, k, scale, TAB_h, qy, qx, py, px, BIAS_b, stride_am, stride_an, offs_m, offs_n, valid_m, valid_n,
-            TH, TW, HAS_RPE, HAS_BIAS, ACC, DOT_PREC)
+        k, v, s, valid = _key_block_logits(
+            K, V, P_b, BIAS_b, TAB_h, q, scale, qy, qx, bh, start_n, offs_d, valid_d, offs_m, valid_m,
+            stride_kb, stride_kc, stride_kn, stride_vb, stride_vc, stride_vn, stride_pn, stride_pt,
+            stride_am, stride_an, NS, TH, TW, BLOCK_N, HAS_RPE, HAS_BIAS, ACC, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -334,15 +352,10 @@ def _bwd_q_kernel(
     BIAS_b = BIAS + bh * stride_ab
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, NS, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < NS
-        k = _load_cm(K + bh * stride_kb, offs_n, valid_n, offs_d, valid_d, stride_kn, stride_kc)
-        v = _load_cm(V + bh * stride_vb, offs_n, valid_n, offs_d, valid_d, stride_vn, stride_vc)
-        py = tl.load(P_b + offs_n * stride_pn, mask=valid_n, other=0.0).to(ACC)
-        px = tl.load(P_b + offs_n * stride_pn + stride_pt, mask=valid_n, other=0.0).to(ACC)
-        s, valid, _, _, _, _, _, _, _, _, _, _, _ = _logits(
-            q, k, scale, TAB_h, qy, qx, py, px, BIAS_b, stride_am, stride_an, offs_m, offs_n, valid_m, valid_n,
-            TH, TW, HAS_RPE, HAS_BIAS, ACC, DOT_PREC)
+        k, v, s, valid = _key_block_logits(
+            K, V, P_b, BIAS_b, TAB_h, q, scale, qy, qx, bh, start_n, offs_d, valid_d, offs_m, valid_m,
+            stride_kb, stride_kc, stride_kn, stride_vb, stride_vc, stride_vn, stride_pn, stride_pt,
+            stride_am, stride_an, NS, TH, TW, BLOCK_N, HAS_RPE, HAS_BIAS, ACC, DOT_PREC)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC, out_dtype=ACC)
         ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
