@@ -11,7 +11,6 @@ same forward math and outputs ``(y, pos, reference)``. The attention core runs t
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional
 
@@ -24,6 +23,7 @@ from .._checks import autocast_on, check_finite, check_tensor
 from ..functional.bilinear_sample import bilinear_sample
 from ..functional.deformable_attention import deformable_attention
 from ..reference import dat as _ref
+from ._common import ChannelsLayerNorm, timm_trunc_normal_
 
 # The tail of the constructor, after ``fixed_pe``, differs between the variants.
 _TAIL = {"dat": ("stage_idx",), "dat++": ("ksize", "log_cpb")}
@@ -49,37 +49,6 @@ def _positive_int(name, v):
     if i < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return i
-
-
-def _trunc_normal_(t: torch.Tensor, std: float, mean: float = 0.0, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
-    """timm's ``trunc_normal_`` (the original's init): a uniform draw mapped through the inverse
-    normal CDF, bounds ``a``, ``b`` absolute. ``torch.nn.init.trunc_normal_`` of recent torch
-    samples differently (rejection), which would change the weights drawn from a given seed."""
-
-    def cdf(z):
-        return (1.0 + math.erf(z / math.sqrt(2.0))) / 2.0
-
-    with torch.no_grad():
-        lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
-        t.uniform_(2 * lo - 1, 2 * hi - 1)
-        t.erfinv_()
-        t.mul_(std * math.sqrt(2.0))
-        t.add_(mean)
-        t.clamp_(min=a, max=b)
-    return t
-
-
-class _ChannelsLayerNorm(nn.Module):
-    """LayerNorm over C of a (B, C, H, W) map; named ``norm`` inside, like DAT's ``LayerNormProxy``.
-    Returns the permuted view (channels-last strides), as the original does: the next conv sees
-    the same memory layout and picks the same kernel."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _resolve_variant(args, kw, variant):
@@ -213,7 +182,7 @@ class DeformableAttention(nn.Module):
         cg = self.n_group_channels
         self.conv_offset = nn.Sequential(
             nn.Conv2d(cg, cg, kk, stride, pad, groups=cg),
-            _ChannelsLayerNorm(cg),
+            ChannelsLayerNorm(cg),
             nn.GELU(),
             nn.Conv2d(cg, 2, 1, 1, 0, bias=False),
         )
@@ -232,7 +201,7 @@ class DeformableAttention(nn.Module):
                 self.rpe_table = nn.Conv2d(self.nc, self.nc, kernel_size=3, stride=1, padding=1, groups=self.nc)
             elif fixed_pe:
                 self.rpe_table = nn.Parameter(torch.zeros(n_heads, self.q_h * self.q_w, self.kv_h * self.kv_w))
-                _trunc_normal_(self.rpe_table, std=0.01)
+                timm_trunc_normal_(self.rpe_table, std=0.01)
             elif variant == "dat++" and self.log_cpb:
                 # Swin-V2-style continuous bias: displacement (2) -> 32 -> one bias per head of the group.
                 self.rpe_table = nn.Sequential(
@@ -243,7 +212,7 @@ class DeformableAttention(nn.Module):
             else:
                 th, tw = (self.kv_h, self.kv_w) if variant == "dat" else (self.q_h, self.q_w)
                 self.rpe_table = nn.Parameter(torch.zeros(n_heads, th * 2 - 1, tw * 2 - 1))
-                _trunc_normal_(self.rpe_table, std=0.01)
+                timm_trunc_normal_(self.rpe_table, std=0.01)
         else:
             self.rpe_table = None
 

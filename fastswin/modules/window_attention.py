@@ -31,6 +31,7 @@ from ..functional.window_attention import (shifted_window_attention, shifted_win
                                            window_attention, window_attention_v2)
 from .._checks import pair
 from ..reference import swin as _ref
+from ._common import timm_trunc_normal_
 
 _int_or_pair = Union[int, Tuple[int, int]]
 
@@ -67,20 +68,6 @@ def _use_fused_attn(experimental: bool = False) -> bool:
         return False
     level = int(os.environ["TIMM_FUSED_ATTN"]) if "TIMM_FUSED_ATTN" in os.environ else 1
     return level > 1 if experimental else level > 0
-
-
-@torch.no_grad()
-def _trunc_normal_(t: torch.Tensor, std: float, lo: float = -2.0, hi: float = 2.0) -> torch.Tensor:
-    """timm's ``trunc_normal_`` (inverse-CDF method: one uniform draw per element, bounds
-    absolute). Not ``nn.init.trunc_normal_``: newer torch samples by rejection, which draws
-    different numbers, and a seeded build must give timm's exact weights."""
-    def cdf(z):
-        return (1.0 + math.erf(z / math.sqrt(2.0))) / 2.0
-
-    t.uniform_(2 * cdf(lo / std) - 1, 2 * cdf(hi / std) - 1)
-    t.erfinv_()
-    t.mul_(std * math.sqrt(2.0))  # mean 0
-    return t.clamp_(min=lo, max=hi)
 
 
 class WindowAttention(nn.Module):
@@ -142,7 +129,7 @@ class WindowAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _trunc_normal_(self.relative_position_bias_table, std=.02)
+        timm_trunc_normal_(self.relative_position_bias_table, std=.02)
         self._init_buffers()
 
     def _init_buffers(self) -> None:
