@@ -234,3 +234,15 @@ def test_module_nan(dat, monkeypatch, seed):
     x[0, 3, 2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"x: contains NaN or Inf"):
         dat(x)
+
+
+@pytest.mark.parametrize("log_cpb", [False, True])
+@pytest.mark.parametrize("shape", [(1, 5), (6, 1)])
+def test_module_datpp_bias_needs_two_rows_and_columns(log_cpb, shape, seed):
+    """DAT++'s bias lookup puts queries at i / (H - 1): 0 / 0 on a one-pixel-high (or wide) map,
+    where the original silently returns NaN everywhere. A clear error instead."""
+    args = list(COMMON)
+    args[0] = args[1] = shape
+    m = DeformableAttention(*args, 3, log_cpb, variant="dat++", backend="reference")
+    with pytest.raises(ValueError, match=r"x: variant 'dat\+\+' places the bias lookup's queries at i / \(H - 1\)"):
+        m(torch.randn(1, 12, *shape))

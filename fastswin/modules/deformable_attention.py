@@ -327,6 +327,13 @@ class DeformableAttention(nn.Module):
                         f"shape {tuple(self.rpe_table.shape)} (q_size={(self.q_h, self.q_w)}, stride={self.stride})"
                     )
                 attn_bias = self.rpe_table[None].expand(B, -1, -1, -1).reshape(B * nh, H * W, n_sample)
+            elif dat_pp and (H == 1 or W == 1):
+                # q_grid is i / (H - 1) * 2 - 1: 0 / 0 on a map one pixel high or wide, and the
+                # original's bias (rpe_table or log_cpb) turns every output into NaN.
+                raise ValueError(
+                    f"x: variant 'dat++' places the bias lookup's queries at i / (H - 1): a ({H}, {W}) map "
+                    "divides by zero there (the original returns NaN); use a map of at least 2 x 2"
+                )
             elif dat_pp and self.log_cpb:
                 coords = _ref.log_cpb_coords(pos, query_size=(H, W), n_groups=g, dtype=dtype)
                 b = self.rpe_table(coords)  # (B*g, HW, Ns, h_g)
