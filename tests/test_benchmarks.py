@@ -119,6 +119,34 @@ def test_flop_formulas_count_like_naive(v2):
     assert got == _count(naive) == 3 * 4 * B * nw * h * (m * m) ** 2 * d
 
 
+def test_flop_formulas_of_the_cuda_ops():
+    """The CUDA window-attention ops (schemas compiled into fastswin._C) count like the Triton ops,
+    on fake CUDA tensors: no GPU and no kernel needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastswin.functional  # noqa: F401  (registers the ops and their formulas)
+
+    ops = torch.ops.fastswin
+    if not hasattr(ops, "window_attention_cuda_fwd"):
+        pytest.skip("fastswin._C was built without the CUDA window-attention ops")
+    B, H, W, h, d, m, s = 2, 13, 10, 3, 16, 7, 3
+    nw = (-(-H // m)) * (-(-W // m))
+    with FakeTensorMode():
+        q = torch.empty(B * nw, h, m * m, d, device="cuda", dtype=torch.float16)
+        qkv = torch.empty(B, H, W, 3, h, d, device="cuda", dtype=torch.float16)
+        t, mult = torch.empty((2 * m - 1) ** 2, h, device="cuda"), torch.empty(h, device="cuda")
+
+        def windowed():
+            o, lse = ops.window_attention_cuda_fwd(q, q, q, t, m, m, None, mult, False)
+            ops.window_attention_cuda_bwd(o, q, q, q, t, o, lse, m, m, None, mult, False, True, False)
+
+        def block():
+            o, lse = ops.shifted_window_attention_cuda_fwd(qkv, t, m, m, s, s, None, mult, False)
+            ops.shifted_window_attention_cuda_bwd(o, qkv, t, o, lse, m, m, s, s, None, mult, False, True, False, False)
+
+        assert _count(windowed) == _count(block) == 3 * 4 * B * nw * h * (m * m) ** 2 * d
+
+
 def _write_csv(path, device="NVIDIA H100 80GB HBM3", stamp="2025-01-02T03:04:05+00:00", ms=1.0):
     rows = []
     for op, case, provs in [("swin_v1", "swin_t_s1", ["naive", "timm_sdpa", "fastswin_triton"]),

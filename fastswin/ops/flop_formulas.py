@@ -92,6 +92,11 @@ FORMULAS = {
     "shifted_window_attention_v2_triton_bwd": shifted_window_attention_v2_bwd_flop,
     "deformable_attention_triton_fwd": deformable_attention_fwd_flop,
     "deformable_attention_triton_bwd": deformable_attention_bwd_flop,
+    # CUDA extension: V1 and V2 share one op each (``cosine`` picks V2), same argument order.
+    "window_attention_cuda_fwd": window_attention_fwd_flop,
+    "window_attention_cuda_bwd": window_attention_bwd_flop,
+    "shifted_window_attention_cuda_fwd": shifted_window_attention_fwd_flop,
+    "shifted_window_attention_cuda_bwd": shifted_window_attention_bwd_flop,
 }
 
 

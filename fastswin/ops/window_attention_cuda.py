@@ -263,3 +263,9 @@ def shifted_window_attention_v2_cuda(
 
 register_backend("cuda", (window_attention_cuda, window_attention_v2_cuda, shifted_window_attention_cuda,
                           shifted_window_attention_v2_cuda), _REASONS, _auto_reasons)
+
+
+# FlopCounterMode counts these ops like the unfused matmuls (formulas shared with the Triton ops).
+from .flop_formulas import register as _register_flop_formulas  # noqa: E402
+
+_register_flop_formulas()
