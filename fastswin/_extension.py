@@ -5,16 +5,26 @@ lazy and the failure is remembered, so ``backend="cuda"`` can say exactly why it
 """
 from __future__ import annotations
 
-import functools
 from typing import List
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED = None  # (module or None, error message), once loaded
+
+
 def _load():
-    """Import ``fastswin._C`` (which registers its ops with the dispatcher). Returns
-    ``(module, error_message)``."""
+    """Import ``fastswin._C`` (which registers its ops with the dispatcher) once. Returns
+    ``(module, error_message)``. Remembered in a global, not ``functools.lru_cache``: backend
+    choice calls this inside ``torch.compile``d code, and dynamo traces through an lru_cache
+    wrapper with a warning, while a global read is a plain guarded constant."""
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _import()
+    return _LOADED
+
+
+def _import():
     try:
         from . import _C  # noqa: F401  (import registers TORCH_LIBRARY ops)
     except ImportError as e:  # not built, or built against another torch
@@ -40,8 +50,15 @@ def has_op(name: str) -> bool:
     return hasattr(torch.ops.fastswin, name)
 
 
-@functools.lru_cache(maxsize=None)
+_CUDA_BUILT = None
+
+
 def has_cuda_kernels() -> bool:
-    """Was the extension compiled with its CUDA sources?"""
-    mod, _ = _load()
-    return bool(mod is not None and getattr(mod, "cuda_built", lambda: False)())
+    """Was the extension compiled with its CUDA sources? (Asked once: the answer is a global,
+    so compiled code reads a constant instead of calling into pybind11, which dynamo cannot
+    trace.)"""
+    global _CUDA_BUILT
+    if _CUDA_BUILT is None:
+        mod, _ = _load()
+        _CUDA_BUILT = bool(mod is not None and getattr(mod, "cuda_built", lambda: False)())
+    return _CUDA_BUILT

@@ -156,7 +156,9 @@ def dispatch(op: str, backend, *args, **kwargs):
 
 
 def _log_choice(op, backend, args, refused):
-    if not log.isEnabledFor(logging.DEBUG):
+    # Under torch.compile the choice is made once, at trace time; dynamo cannot trace Logger
+    # methods (a graph break on every auto-dispatched op), so compiled code does not log it.
+    if torch.compiler.is_compiling() or not log.isEnabledFor(logging.DEBUG):
         return
     dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "?")
     key = (op, backend, dev)
