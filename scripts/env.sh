@@ -30,10 +30,11 @@ else
     # shellcheck disable=SC2086
     "${PIP[@]}" $spec
   fi
-  # timm is pinned: the parity tests compare against that exact release.
-  if ! "$PY" -c "import setuptools, pybind11, ninja, pytest, pytest_benchmark, numpy, triton, timm; assert timm.__version__ == '1.0.31'" 2>/dev/null; then
+  # timm is pinned: the parity tests compare against that exact release. fvcore: the tests check
+  # that its FLOP counts of the fused ops equal those of the unfused path.
+  if ! "$PY" -c "import setuptools, pybind11, ninja, pytest, pytest_benchmark, numpy, triton, timm, fvcore; assert timm.__version__ == '1.0.31'" 2>/dev/null; then
     _log "installing build and test requirements"
-    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark "timm==1.0.31" numpy
+    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark "timm==1.0.31" numpy fvcore
     "$PY" -c "import triton" 2>/dev/null || "${PIP[@]}" triton
   fi
 fi
