@@ -7,7 +7,9 @@ Modules (drop-in for the originals, same parameter and buffer names):
 * :class:`fastswin.DeformableAttention` -- LeapLabTHU/DAT ``DAttentionBaseline`` (``variant="dat"|"dat++"``)
 
 Whole models: :func:`fastswin.patch` (timm / torchvision Swin V1 and V2, in place, state_dict
-unchanged) and :func:`fastswin.unpatch`. Functions: :mod:`fastswin.functional`. Backend choice: :mod:`fastswin.backends`. Plain PyTorch
+unchanged) and :func:`fastswin.unpatch`; DAT / DAT++ backbones: :mod:`fastswin.models`. FLOP
+counting: ``FlopCounterMode`` counts the fused ops out of the box, fvcore with
+:func:`fastswin.fvcore_handles` / :func:`fastswin.count_flops_fvcore`. Functions: :mod:`fastswin.functional`. Backend choice: :mod:`fastswin.backends`. Plain PyTorch
 oracle: :mod:`fastswin.reference`.
 """
 from ._lazy import lazy_exports
@@ -22,15 +24,18 @@ _EXPORTS = {
     "patch": "._patch",
     "unpatch": "._patch",
     "is_patched": "._patch",
+    "count_flops_fvcore": ".ops.fvcore_handles",
+    "fvcore_handles": ".ops.fvcore_handles",
     "functional": ".functional",
     "reference": ".reference",
     "backends": ".backends",
+    "models": ".models",
 }
 __all__ = sorted(_EXPORTS) + ["BackendUnavailableError", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("functional", "reference", "backends"):
+    if name in ("functional", "reference", "backends", "models"):
         import importlib
 
         return importlib.import_module("." + name, __name__)

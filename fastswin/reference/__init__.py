@@ -4,4 +4,5 @@ any device. Each function follows the original code named in its module's docstr
 * :mod:`.bilinear` -- DAT's grid_sample
 * :mod:`.swin` -- Swin V1 / V2 window attention (timm semantics)
 * :mod:`.dat` -- DAT and DAT++ deformable attention (LeapLabTHU/DAT commits 42b489e and 2f31405)
+* :mod:`.neighborhood` -- NATTEN 2-D neighborhood attention (DAT++ "N" blocks)
 """
