@@ -49,7 +49,12 @@ CONFIGS = {
     "dat_tiny": _dat(6, 96, [3, 6, 12, 24], [3, 6], 0.2),
     "dat_small": _dat(18, 96, [3, 6, 12, 24], [3, 6], 0.3),
     "dat_base": _dat(18, 128, [4, 8, 16, 32], [4, 8], 0.5),
-    # configs/dat_tiny.yaml, dat_small.yaml, dat_base.yaml (DAT++, 2f31405)
+    # configs/dat_tiny.yaml, dat_small.yaml, dat_base.yaml (DAT++, 2f31405). DAT-B++ takes
+    # use_dwc_mlps=True, as dat_base_384.yaml says and tiny/small have, although the repository's
+    # dat_base.yaml says False: dat_base_384.yaml fine-tunes from the released dat_b_in1k.pth
+    # through load_pretrained, which getattr()s every checkpoint key and so only runs if the
+    # checkpoint has the conv-MLP keys; and 93.7 M parameters (False: 93.2 M) is the paper's 94 M.
+    # dat_pp_base(use_dwc_mlps=[False] * 4) builds the other one.
     "dat_pp_tiny": _datpp(64, [2, 4, 8, 16], [1, 2, 4, 8], 0.2),
     "dat_pp_small": _datpp(96, [3, 6, 12, 24], [1, 2, 3, 6], 0.4),
     "dat_pp_base": _datpp(128, [4, 8, 16, 32], [2, 4, 8, 16], 0.7),
