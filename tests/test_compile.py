@@ -158,6 +158,18 @@ def _fp32_tol():
     return 5e-3 if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 else 1e-4
 
 
+def _copies(base):
+    """make(backend) for check_gpu: a deep copy of ``base`` (same weights), on ``backend`` if given."""
+
+    def make(backend):
+        m = copy.deepcopy(base)
+        if backend is not None:
+            m.backend = backend
+        return m
+
+    return make
+
+
 def check_gpu(make, x, *args, dtype):
     """make(backend) -> a cuda fp32 module (same weights for every backend). Compiled (inductor)
     vs eager on its own backend; bf16 under autocast, with the error rule."""
@@ -198,12 +210,7 @@ def test_gpu_window_attention_module(seed, v2, backend, with_mask, dtype):
     with torch.no_grad():  # non-trivial bias table / logit scale
         for p in base.parameters():
             p.add_(0.1 * torch.randn_like(p))
-
-    def make(backend):
-        m = copy.deepcopy(base)
-        if backend is not None:
-            m.backend = backend
-        return m
+    make = _copies(base)
 
     x = torch.randn(B * nw, n, dim, device="cuda")
     args = ()
@@ -222,12 +229,7 @@ def test_gpu_deformable_attention(seed, variant, backend, dtype):
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.05 * torch.randn_like(p))
-
-    def make(backend):
-        m = copy.deepcopy(base)
-        if backend is not None:
-            m.backend = backend
-        return m
+    make = _copies(base)
 
     x = torch.randn(2, 12, 6, 5, device="cuda")
     check_gpu(make, x, dtype=dtype)
