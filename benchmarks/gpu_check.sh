@@ -4,21 +4,21 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
-# Stages (default: all, in this order): build test sanitize bench flex macs report.
+# Stages (default: all, in this order): build test compile sanitize bench flex macs report.
 # One device call is limited to 10 minutes, so on such a machine run the stages over a few calls
 # of a warm machine (the build is kept between calls and skipped when unchanged), e.g.
 #   bash benchmarks/gpu_check.sh out build test
-#   bash benchmarks/gpu_check.sh out sanitize
+#   bash benchmarks/gpu_check.sh out compile sanitize
 #   bash benchmarks/gpu_check.sh out bench
 #   bash benchmarks/gpu_check.sh out flex macs report
 # Extra benchmark filters: FASTSWIN_BENCH_ARGS="--op swin_v1 --dtype fp16".
 #
-# Writes to OUTDIR: env.txt, build.log, pytest.log, sanitizer_*.log, results/<device>.csv (+ PNGs
+# Writes to OUTDIR: env.txt, build.log, pytest.log, pytest_compile.log, sanitizer_*.log, results/<device>.csv (+ PNGs
 # if matplotlib is there), bench.log, bench_flex.log, model_macs.log, README.md with the table
 # (report.log), and summary.txt with each stage's exit code.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUTDIR [STAGE ...]}"; shift
-STAGES="${*:-build test sanitize bench flex macs report}"
+STAGES="${*:-build test compile sanitize bench flex macs report}"
 mkdir -p "$OUT/results"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,9 +37,16 @@ has build && status build $rc
 [ $rc = 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
 
 if has test; then
-  timeout 540 python3 -m pytest tests -q -ra -p no:cacheprovider >"$OUT/pytest.log" 2>&1
+  # torch.compile's GPU tier (inductor compiles each case: tens of seconds) is its own stage.
+  timeout 540 python3 -m pytest tests -q -ra -p no:cacheprovider --ignore=tests/test_compile.py >"$OUT/pytest.log" 2>&1
   status test $?
   tail -5 "$OUT/pytest.log"
+fi
+
+if has compile; then
+  timeout 540 python3 -m pytest tests/test_compile.py -q -ra -p no:cacheprovider --durations=10 >"$OUT/pytest_compile.log" 2>&1
+  status compile $?
+  tail -5 "$OUT/pytest_compile.log"
 fi
 
 if has sanitize; then
