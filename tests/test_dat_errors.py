@@ -243,6 +243,11 @@ def test_module_datpp_bias_needs_two_rows_and_columns(log_cpb, shape, seed):
     where the original silently returns NaN everywhere. A clear error instead."""
     args = list(COMMON)
     args[0] = args[1] = shape
+    args[8] = -1  # offset_range_factor < 0: no 1 / (Hk - 1) offset scaling
     m = DeformableAttention(*args, 3, log_cpb, variant="dat++", backend="reference")
     with pytest.raises(ValueError, match=r"x: variant 'dat\+\+' places the bias lookup's queries at i / \(H - 1\)"):
+        m(torch.randn(1, 12, *shape))
+    args[8] = 2  # with offset scaling the original already fails on the key grid (ZeroDivisionError)
+    m = DeformableAttention(*args, 3, log_cpb, variant="dat++", backend="reference")
+    with pytest.raises(ZeroDivisionError, match=r"offset: variant 'dat\+\+' scales offsets by 1 / \(Hk - 1\)"):
         m(torch.randn(1, 12, *shape))

@@ -134,7 +134,11 @@ def offset_to_pos(
         if variant == "dat":
             rng = [1.0 / hk, 1.0 / wk]
         else:
-            # Python float division, like the original: Hk == 1 raises ZeroDivisionError there too.
+            if hk == 1 or wk == 1:  # the original's Python float division raises here too
+                raise ZeroDivisionError(
+                    f"offset: variant 'dat++' scales offsets by 1 / (Hk - 1) and 1 / (Wk - 1), and the offset "
+                    f"network gave a ({hk}, {wk}) key grid; use offset_range_factor < 0 or a larger map"
+                )
             rng = [1.0 / (hk - 1.0), 1.0 / (wk - 1.0)]
         offset_range = torch.tensor(rng, device=offset.device).reshape(1, 2, 1, 1)
         offset = offset.tanh().mul(offset_range).mul(f)
