@@ -33,6 +33,10 @@ instead, with a ``RuntimeWarning`` saying why, so the result is never different 
 timm block with a static mask built for another size than the input's (timm then errors or uses
 that mask), a shift outside ``[0, window)``, or an attention window that disagrees with the block's.
 
+* Hugging Face transformers ``SwinAttention`` (Swin) and ``Swinv2SelfAttention`` (Swinv2): their
+  ``forward`` is replaced by fastswin's *windowed* op, the host keeping its own pad/roll/partition
+  and -100 mask; see :mod:`fastswin._patch_hf` (transformers is never imported by fastswin).
+
 Dropout, in training mode: attention dropout goes to the op's ``dropout_p`` (only the reference
 backend implements it: ``backend="auto"`` runs the reference for such calls, an explicit fused
 backend raises :class:`fastswin.BackendUnavailableError`); the reference draws the same random
@@ -52,6 +56,7 @@ import torch.nn.functional as F
 from . import backends
 from .functional.window_attention import shifted_window_attention, shifted_window_attention_v2
 from .reference.swin import window_reverse
+from . import _patch_hf as _hf
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -72,15 +77,16 @@ class _Patched:
         self.backend = backend
         self.original = original
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _IMPL[self.kind](self, x)
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        # timm / torchvision: one argument; Hugging Face: the attention forward's arguments
+        return _IMPL[self.kind](self, x, *args, **kwargs)
 
-    def fallback(self, x: torch.Tensor, why: str) -> torch.Tensor:
+    def fallback(self, x: torch.Tensor, why: str, *args, **kwargs):
         # Not silent: the result is the original's, but the user asked for the fused path.
         # Python's default filter shows each distinct message once.
         warnings.warn(f"fastswin.patch: {type(self.owner).__name__} runs its original (unfused) attention: {why}",
                       RuntimeWarning, stacklevel=3)
-        return self.original(self.owner, x)
+        return self.original(self.owner, x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<fastswin patched {self.kind} attention, backend={self.backend!r}>"
@@ -277,14 +283,16 @@ def _tv_v2(self, x):
     return _tv(self, x, v2=True)
 
 
-_IMPL = {"timm_v1": _timm_v1, "timm_v2": _timm_v2, "tv_v1": _tv_v1, "tv_v2": _tv_v2}
+_IMPL = {"timm_v1": _timm_v1, "timm_v2": _timm_v2, "tv_v1": _tv_v1, "tv_v2": _tv_v2, **_hf.IMPL}
 
 
 # ---- what can be patched -------------------------------------------------------------------------
 
 
 def _targets():
-    """[(kind, module class, attribute to replace, original function, allowed attn forwards or None)]."""
+    """[(kind, module class, attribute to replace, original function, check)]; check: None, a tuple
+    of allowed ``attn.forward`` functions (timm), or a callable ``check(module) -> reason | None``
+    (Hugging Face)."""
     out = []
     try:
         from timm.models import swin_transformer as t1, swin_transformer_v2 as t2
@@ -305,11 +313,13 @@ def _targets():
         # V2 before V1: ShiftedWindowAttentionV2 subclasses ShiftedWindowAttention
         out.append(("tv_v2", tv.ShiftedWindowAttentionV2, "forward", tv.ShiftedWindowAttentionV2.forward, None))
         out.append(("tv_v1", tv.ShiftedWindowAttention, "forward", tv.ShiftedWindowAttention.forward, None))
+    out.extend(_hf.targets())  # transformers: only if already imported (never imports it)
     return out
 
 
-_SUPPORTED = ("timm SwinTransformerBlock / SwinTransformerV2Block (timm.models.swin_transformer[_v2]) and "
-              "torchvision ShiftedWindowAttention / ShiftedWindowAttentionV2 (torchvision.models.swin_transformer)")
+_SUPPORTED = ("timm SwinTransformerBlock / SwinTransformerV2Block (timm.models.swin_transformer[_v2]), "
+              "torchvision ShiftedWindowAttention / ShiftedWindowAttentionV2 (torchvision.models.swin_transformer) "
+              "and " + _hf.SUPPORTED)
 
 
 def _find(model: nn.Module, fn: str):
@@ -326,7 +336,9 @@ def _find(model: nn.Module, fn: str):
             where = f"{name or '<model>'} ({type(m).__qualname__})"
             if getattr(type(m), attr) is not original:
                 problems.append(f"{where} overrides {attr}()")
-            elif attn_forwards is not None and getattr(type(m.attn), "forward", None) not in attn_forwards:
+            elif callable(attn_forwards) and attn_forwards(m) is not None:
+                problems.append(f"{where}: {attn_forwards(m)}")
+            elif isinstance(attn_forwards, tuple) and getattr(type(m.attn), "forward", None) not in attn_forwards:
                 problems.append(f"{where}.attn is a {type(m.attn).__qualname__}, not timm's or fastswin's "
                                 "WindowAttention")
             else:
