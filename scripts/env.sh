@@ -30,11 +30,13 @@ else
     # shellcheck disable=SC2086
     "${PIP[@]}" $spec
   fi
-  # timm is pinned: the parity tests compare against that exact release. fvcore: the tests check
-  # that its FLOP counts of the fused ops equal those of the unfused path.
-  if ! "$PY" -c "import setuptools, pybind11, ninja, pytest, pytest_benchmark, numpy, triton, timm, fvcore; assert timm.__version__ == '1.0.31'" 2>/dev/null; then
+  # timm and transformers are pinned: the parity tests compare against those exact releases
+  # (fastswin.patch of Hugging Face Swin follows transformers 5.x's attention classes). fvcore:
+  # the tests check its FLOP counts of the fused ops; matplotlib: the benchmark report's plots.
+  if ! "$PY" -c "import setuptools, pybind11, ninja, pytest, pytest_benchmark, numpy, triton, timm, fvcore, matplotlib, transformers; assert timm.__version__ == '1.0.31' and transformers.__version__ == '5.23.0'" 2>/dev/null; then
     _log "installing build and test requirements"
-    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark "timm==1.0.31" numpy fvcore
+    "${PIP[@]}" "setuptools>=70" wheel pybind11 ninja pytest pytest-benchmark "timm==1.0.31" numpy fvcore matplotlib \
+      "transformers==5.23.0"
     "$PY" -c "import triton" 2>/dev/null || "${PIP[@]}" triton
   fi
 fi
