@@ -250,3 +250,31 @@ def test_gpu_patched_swin(seed, v2, backend, dtype):
 
     x = torch.randn(2, 3, 64, 64, device="cuda")
     check_gpu(make, x, dtype=dtype)
+
+
+class _Logits(torch.nn.Module):
+    """A DAT backbone's logits only (its forward also returns positions and references)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[0]
+
+
+@pytest.mark.parametrize("variant", ["dat", "dat++"])
+def test_cpu_dat_backbone_aot_eager(seed, variant):
+    """A small fastswin.models DAT / DAT++ (every block type of the variant, one per stage) compiles
+    with fullgraph=True and equals eager, outputs and every gradient (float64, reference)."""
+    from test_dat_models import small
+
+    import fastswin.models as M
+
+    spec = [["S"], ["L"], ["D"], ["D"]] if variant == "dat" else [["N"], ["D"], ["D"], ["D"]]
+    net = M.DAT(**small(variant, depths=[1, 1, 1, 1], stage_spec=spec), backend="reference").to(F64).eval()
+    m = _Logits(net)
+    x = torch.randn(1, 3, 64, 64, dtype=F64)
+    want = run(m, m, x)
+    got = compiled_run(m, x, backend="aot_eager")
+    assert_close(got, want, 1e-10)
