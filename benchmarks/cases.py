@@ -4,6 +4,10 @@ Swin-T at 224 px: stages of 56, 28, 14, 7 tokens a side, 3/6/12/24 heads, head_d
 Swin-B: 4/8/16/32 heads. SwinV2-T at 256 px with windows 8/16 (and 24 at 384 px).
 DAT-T stage 3: 14x14, C 384, 12 heads, 3 groups, stride 1 (Ns = 196); DAT++-S stage 3: stride 2 (Ns = 49).
 
+Whole models (``model_*`` ops, :mod:`benchmarks.providers_models`): Swin-T at 224 px, SwinV2-T
+at 256 px, DAT-T at 224 px, case ``b128``: batch 128 on a GPU, 1 on a CPU (a few seconds per
+provider there).
+
 ``batch`` is the GPU batch; on a CPU the runner scales it down (``cpu_batch``) and records
 the batch it used in the row's ``shape`` column.
 """
@@ -40,4 +44,7 @@ CASES: Tuple[Case, ...] = (
     Case("dat", "datpp_s_s3", dict(variant="dat++", res=14, heads=12, head_dim=32, groups=3, stride=2), 64),
     Case("bilinear_sample", "dat_t_s3", dict(res=14, channels=384, groups=3, stride=1), 64, 4),
     Case("bilinear_sample", "datpp_s_s3", dict(res=14, channels=384, groups=3, stride=2), 64, 4),
+    Case("model_swin_t", "b128", dict(source="timm", model="swin_tiny_patch4_window7_224", side=224), 128, 1),
+    Case("model_swinv2_t", "b128", dict(source="timm", model="swinv2_tiny_window8_256", side=256), 128, 1),
+    Case("model_dat_t", "b128", dict(source="dat", model="dat_tiny", side=224), 128, 1),
 )

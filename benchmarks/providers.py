@@ -8,7 +8,10 @@ runner, never silently dropped). What each provider is, and the span it times:
 * DAT / DAT++ (:mod:`benchmarks.providers_dat`): the whole attention module -- ``official``
   (the reference path, which is the official math), ``naive`` (points to ``official``),
   ``fastswin_*``;
-* bilinear sampling (here): ``grid_sample`` (bare ``F.grid_sample``), ``fastswin_*``.
+* bilinear sampling (here): ``grid_sample`` (bare ``F.grid_sample``), ``fastswin_*``;
+* whole models (:mod:`benchmarks.providers_models`): Swin-T, SwinV2-T, DAT-T, ``infer`` (the
+  ``fwd`` row) and an AMP ``train_step`` with AdamW (the ``fwd+bwd`` row) -- ``naive``,
+  ``timm_sdpa`` (Swin V1), ``fastswin_*``.
 """
 from typing import Optional
 
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 import fastswin
 
 from . import flops as fl
-from . import providers_dat, providers_swin
+from . import providers_dat, providers_models, providers_swin
 from .cases import Case
 from .providers_common import ROTATE, Work, backend_of, fwd_bwd, fwd_only, refusal  # noqa: F401 (re-exported)
 
@@ -63,12 +66,19 @@ def _bilinear(case: Case, provider, device, dtype, batch) -> "Work | str":
 
 
 BUILDERS = {"swin_v1": providers_swin.build, "swin_v2": providers_swin.build, "bilinear_sample": _bilinear,
-            "dat": providers_dat.build}
+            "dat": providers_dat.build, **dict.fromkeys(providers_models.OPS, providers_models.build)}
 PROVIDERS = {
     **providers_swin.PROVIDERS,
     **providers_dat.PROVIDERS,
+    **providers_models.PROVIDERS,
     "bilinear_sample": ["grid_sample", "fastswin_triton", "fastswin_cuda", "fastswin_auto"],
 }
+
+
+def mode_label(op: str, timed: str) -> str:
+    """The CSV ``mode`` of a timed span (``fwd`` / ``fwd+bwd``): whole models call them ``infer`` and
+    ``train_step`` (what those rows time, see :mod:`benchmarks.providers_models`)."""
+    return providers_models.MODE_LABELS[timed] if op in providers_models.OPS else timed
 
 
 def build(case: Case, provider: str, device, dtype, batch) -> "Work | str":
@@ -77,7 +87,13 @@ def build(case: Case, provider: str, device, dtype, batch) -> "Work | str":
 
 def flop_counter_check(case: Case, device, dtype, batch) -> Optional[int]:
     """FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the naive forward, to
-    cross-check the analytic formula (None where the op has no matmul to count)."""
+    cross-check the analytic formula (None where the op has no matmul to count). Whole models:
+    the naive model's count, against which each provider's own count is checked."""
+    if case.op in providers_models.OPS:
+        try:
+            return providers_models.counted_flops(case, "naive", device, dtype, batch)
+        except Exception:  # the naive build's own failure is reported by its row
+            return None
     if case.op not in ("swin_v1", "swin_v2"):
         return None
     from torch.utils.flop_counter import FlopCounterMode

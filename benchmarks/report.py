@@ -26,7 +26,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-MODES = ("fwd", "fwd+bwd")
 
 
 def newest_gpu_csv(folder=RESULTS):
@@ -125,9 +124,10 @@ def plots(rows, folder):
         ops_rows = [r for r in rows if r["op"] == op]
         provs = _providers(ops_rows)
         cases = list(OrderedDict((r["case"], None) for r in ops_rows))
-        fig, axes = plt.subplots(1, len(MODES), figsize=(max(6, 1.6 * len(cases)) * len(MODES), 4), squeeze=False)
+        modes = list(OrderedDict((r["mode"], None) for r in ops_rows))  # fwd, fwd+bwd / infer, train_step
+        fig, axes = plt.subplots(1, len(modes), figsize=(max(6, 1.6 * len(cases)) * len(modes), 4), squeeze=False)
         width = 0.8 / max(1, len(provs))
-        for ax, mode in zip(axes[0], MODES):
+        for ax, mode in zip(axes[0], modes):
             for j, p in enumerate(provs):
                 ys = []
                 for c in cases:

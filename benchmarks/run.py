@@ -20,7 +20,7 @@ import torch
 
 from . import timing
 from .cases import CASES
-from .providers import PROVIDERS, build, flop_counter_check
+from .providers import PROVIDERS, build, flop_counter_check, mode_label
 from .providers_common import first_line
 
 COLUMNS = ["timestamp", "git_commit", "device", "torch", "triton", "cuda", "op", "case", "shape", "dtype",
@@ -40,7 +40,8 @@ def _args(argv):
     ap.add_argument("--skip-provider", action="append", default=[],
                     help="leave these providers out (repeatable), e.g. flex (compiles for each case)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
-    ap.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd"], help="default: both")
+    ap.add_argument("--mode", action="append", choices=["fwd", "fwd+bwd", "infer", "train_step"],
+                    help="fwd (whole models: infer) or fwd+bwd (whole models: train_step); default: both")
     ap.add_argument("--batch", type=int, help="override every case's batch")
     ap.add_argument("--quick", action="store_true", help="CPU-sized batches even on a GPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +77,8 @@ def main(argv=None):
     a = _args(argv)
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    modes = a.mode or ["fwd", "fwd+bwd"]
+    alias = {"infer": "fwd", "train_step": "fwd+bwd"}
+    modes = [m for m in ("fwd", "fwd+bwd") if not a.mode or m in {alias.get(x, x) for x in a.mode}]
     small = device.type == "cpu" or a.quick
     env = _env(device)
     if device.type == "cpu":
@@ -116,8 +118,9 @@ def main(argv=None):
                 continue
             if counted is not None and counted != work.flops:
                 print(f"  note: analytic FLOPs {work.flops} != FlopCounterMode {counted} for {case.name}")
-            for mode in modes:
-                fn = work.fwd if mode == "fwd" else work.fwd_bwd
+            for timed in modes:
+                fn = work.fwd if timed == "fwd" else work.fwd_bwd
+                mode = mode_label(case.op, timed)  # whole models: "infer" / "train_step"
                 if isinstance(fn, str):
                     skipped.append((case.op, case.name, f"{prov} ({mode})", fn))
                     print(f"  skip {case.op}/{case.name}/{prov} ({mode}): {fn}", flush=True)
@@ -134,8 +137,8 @@ def main(argv=None):
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                nflops = work.flops * (3 if mode == "fwd+bwd" else 1)  # backward ~ 2x forward matmuls
-                nbytes = work.bytes * (3 if mode == "fwd+bwd" else 1)
+                nflops = work.flops * (3 if timed == "fwd+bwd" else 1)  # backward ~ 2x forward matmuls
+                nbytes = work.bytes * (3 if timed == "fwd+bwd" else 1)
                 row = dict(timestamp=stamp, **env, op=case.op, case=case.name, shape=work.shape,
                            dtype=str(dtype).replace("torch.", ""), mode=mode, provider=prov,
                            ms_p20=ms[0], ms_p50=ms[1], ms_p80=ms[2], peak_mem_mb=mem, flops=nflops, bytes=nbytes,

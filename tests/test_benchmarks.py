@@ -187,3 +187,43 @@ def test_report(tmp_path, capsys):
         assert (tmp_path / "nvidia-h100-80gb-hbm3_swin_v1.png").exists()
     except ImportError:
         assert "matplotlib is not installed" in out
+
+
+# Shrunken models through the case's ``kwargs`` hook (Swin: 32 px, 2 stages, a shifted block;
+# DAT: 64 px, 4 stages of depth 2, narrow): the real cases' code path in about a second each.
+_SMALL = dict(img_size=32, embed_dim=24, depths=(2, 1), num_heads=(1, 2), window_size=4)
+_SMALL_DAT = dict(img_size=64, dim_stem=24, dims=[24, 48, 96, 192], heads=[1, 2, 4, 8], groups=[-1, -1, 1, 2],
+                  window_sizes=[4, 4, 4, 2], depths=[2, 2, 2, 2],
+                  stage_spec=[["L", "S"], ["L", "S"], ["L", "D"], ["L", "D"]])
+
+
+@pytest.mark.parametrize("op", ["model_swin_t", "model_swinv2_t", "model_dat_t"])
+def test_model_cases_build_and_step(op):
+    """Each whole-model case builds for naive and fastswin_auto on a CPU at batch 1 (the build
+    probes one infer and one train_step), then one more call of each mode runs."""
+    import dataclasses
+
+    from benchmarks import providers_models as pm
+    from benchmarks.providers import PROVIDERS, build
+
+    case = next(c for c in CASES if c.op == op)
+    assert case.name == "b128" and case.batch == 128 and case.cpu_batch <= 2
+    small = _SMALL_DAT if op == "model_dat_t" else _SMALL
+    case = dataclasses.replace(case, params=dict(case.params, side=small["img_size"], kwargs=small))
+    assert {"naive", "fastswin_triton", "fastswin_cuda", "fastswin_auto"} <= set(PROVIDERS[op])
+    assert ("timm_sdpa" in PROVIDERS[op]) == (op == "model_swin_t")
+    dev = torch.device("cpu")
+    naive = pm.counted_flops(case, "naive", dev, torch.float32, 1)
+    for prov in ("naive", "fastswin_auto"):
+        work = build(case, prov, dev, torch.float32, 1)
+        assert not isinstance(work, str), work
+        assert work.flops == naive > 0 and work.bytes != work.bytes  # model FLOPs; bytes NaN (no floor)
+        logits = work.fwd(1)
+        assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+        assert torch.isfinite(work.fwd_bwd(1))
+    assert "auto->reference" in work.shape  # on a CPU auto runs the reference path
+    assert "Triton" in build(case, "fastswin_triton", dev, torch.float32, 1)  # a skip, with its reason
+    from benchmarks.providers import mode_label
+
+    assert [mode_label(op, m) for m in ("fwd", "fwd+bwd")] == ["infer", "train_step"]
+    assert mode_label("swin_v1", "fwd+bwd") == "fwd+bwd"
