@@ -3,22 +3,34 @@ multiply-add = 2 FLOPs, so MACs = FLOPs / 2; papers' "FLOPs" for Swin are these 
 
     python -m benchmarks.model_macs [--model NAME ...]
 
-Models are built by timm with ``pretrained=False`` (offline; weights do not change the count).
-fastswin's flop formulas are registered first, so a model whose attention runs on a fused
-fastswin op counts the same as on the reference path. FlopCounterMode counts matmuls,
-convolutions and SDPA; softmax, norms, GELU and the like are not counted, as in the papers.
-DAT-T is not here: fastswin has DAT's attention module, not the whole network.
+Swin models are built by timm with ``pretrained=False`` (offline; weights do not change the
+count), DAT models by :mod:`fastswin.models`. fastswin's flop formulas are registered first, so a
+model whose attention runs on a fused fastswin op counts the same as on the reference path.
+FlopCounterMode counts matmuls, convolutions and SDPA; softmax, norms, GELU, bilinear sampling
+and the like are not counted, as in the papers.
 """
 import argparse
 import sys
 
 import torch
 
-# timm name -> (input side, GMACs the paper reports)
+# name (timm's, or fastswin.models') -> (input side, GMACs the paper reports)
 MODELS = {
     "swin_tiny_patch4_window7_224": (224, 4.5),   # Swin-T, Liu et al. 2021, Table 1
     "swinv2_tiny_window8_256": (256, 5.9),        # SwinV2-T, Liu et al. 2022 / timm model card
+    "dat_tiny": (224, 4.6),                       # DAT-T, Xia et al. 2022, Table 1
+    "dat_pp_tiny": (224, 4.3),                    # DAT-T++, Xia et al. 2023 (DAT++), Table 1
 }
+
+
+def build(name: str) -> torch.nn.Module:
+    if name.startswith("dat"):
+        import fastswin.models
+
+        return fastswin.models.build(name, backend="reference").eval()
+    import timm
+
+    return timm.create_model(name, pretrained=False).eval()
 
 
 def count_macs(model: torch.nn.Module, side: int) -> int:
@@ -38,17 +50,15 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", choices=sorted(MODELS), help="default: all")
     a = ap.parse_args(argv)
-    try:
-        import timm
-    except ImportError as e:
-        print(f"timm is not importable ({e}): no model to count")
-        return 1
     for name in a.model or MODELS:
         side, paper = MODELS[name]
-        model = timm.create_model(name, pretrained=False).eval()
+        try:
+            model = build(name)
+        except ImportError as e:
+            print(f"{name}: skipped ({e})")
+            continue
         g = count_macs(model, side) / 1e9
         print(f"{name} @ {side}: {g:.2f} GMACs (paper: {paper} G)")
-    print("DAT-T: skipped (fastswin has DAT's attention module, not the whole network)")
     return 0
 
 

@@ -227,3 +227,14 @@ def test_model_cases_build_and_step(op):
 
     assert [mode_label(op, m) for m in ("fwd", "fwd+bwd")] == ["infer", "train_step"]
     assert mode_label("swin_v1", "fwd+bwd") == "fwd+bwd"
+
+
+@pytest.mark.parametrize("name", ["dat_tiny", "dat_pp_tiny"])
+def test_model_macs_match_the_papers(name):
+    """DAT-T 4.6 G and DAT-T++ 4.3 G (papers' Table 1), counted on fastswin.models at 224 px.
+    (Swin-T / SwinV2-T are counted by the main job; timm's models take longer to build.)"""
+    from benchmarks import model_macs
+
+    side, paper = model_macs.MODELS[name]
+    g = model_macs.count_macs(model_macs.build(name), side) / 1e9
+    assert round(g, 1) == paper, g
