@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from .bilinear_sample import bilinear_sample_bwd, taps
-from ._common import acc_dtype, dot_precision
+from ._common import acc_dtype, dot_precision, num_stages
 
 MAX_BLOCK = 64
 _SCRATCH_ELEMS = 1 << 24
@@ -417,10 +417,11 @@ def deformable_attention_fwd(q, k, v, pos, qgrid, rpe_table=None, attn_bias=None
         out.fill_(float("nan") if a.ns == 0 else 0.0)
         lse.fill_(float("-inf"))
         return out, lse
-    bm = a.blocks[0]
+    bm, bn = a.blocks[0], a.blocks[1]
     with _device_ctx(q):
         _fwd_kernel[(a.bh, triton.cdiv(a.m, bm))](
-            q, k, v, a.p, a.qg, a.tab, a.bias, a.sc, out, lse, *a.strides, *a.scalars, **a.meta)
+            q, k, v, a.p, a.qg, a.tab, a.bias, a.sc, out, lse, *a.strides, *a.scalars, **a.meta,
+            num_stages=num_stages(triton.cdiv(a.ns, bn)))  # loops over key blocks
     return out, lse
 
 
@@ -468,11 +469,12 @@ def deformable_attention_bwd(dout, q, k, v, pos, qgrid, rpe_table, attn_bias, ou
         _bwd_kv_kernel[(bh, nblk_n)](
             q, k, v, a.p, a.qg, a.tab, a.bias, a.sc, out, dout, lse, dq, dk, dv, dpos_part, dtab_part, ds_buf,
             *a.strides, *dos, *a.scalars, rows,
-            FUSE_DQ=fuse_dq, NEED_DPOS=need_dpos, DTAB_ATOMIC=dtab_atomic, STORE_DS=store_ds, **a.meta)
+            FUSE_DQ=fuse_dq, NEED_DPOS=need_dpos, DTAB_ATOMIC=dtab_atomic, STORE_DS=store_ds, **a.meta,
+            num_stages=num_stages(triton.cdiv(m, bm)))  # loops over query blocks
         if not fuse_dq:
             _bwd_q_kernel[(bh, triton.cdiv(m, bm))](
                 q, k, v, a.p, a.qg, a.tab, a.bias, a.sc, out, dout, lse, dq, *a.strides, *dos, *a.scalars,
-                **a.meta)
+                **a.meta, num_stages=num_stages(nblk_n))  # loops over key blocks
     dpos = dtab = dbias = None
     if need_dpos:
         hg = n_heads // n_groups
