@@ -48,13 +48,14 @@ def _set_fused(model, fused):
             mod.fused_attn = fused
 
 
-def _run(model, x, seed=None):
-    """Output and gradients (input first, then every parameter by name)."""
+def _run(model, x, seed=None, output=lambda o: o, **kw):
+    """Output and gradients (input first, then every parameter by name); ``output`` picks the
+    tensor from what ``model(x, **kw)`` returns (e.g. a Hugging Face output's ``.logits``)."""
     if seed is not None:
         torch.manual_seed(seed)
     x = x.detach().clone().requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    out = model(x)
+    out = output(model(x, **kw))
     g = torch.randn_like(out, generator=torch.Generator().manual_seed(123))
     (out * g).sum().backward()
     grads = {"<input>": x.grad}

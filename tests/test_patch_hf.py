@@ -22,6 +22,7 @@ from transformers.models.swinv2 import modeling_swinv2  # noqa: E402
 import fastswin  # noqa: E402
 from fastswin import _patch_hf  # noqa: E402
 from fastswin._patch import is_patched, patch, unpatch  # noqa: E402
+from test_patch import _assert_same_run as _patch_assert_same_run, _run as _patch_run  # noqa: E402
 
 f64 = torch.float64
 TOL = 1e-12
@@ -57,27 +58,11 @@ def _x(img=40, batch=2):
 
 
 def _run(model, x, seed=None, **kw):
-    if seed is not None:
-        torch.manual_seed(seed)
-    x = x.detach().clone().requires_grad_(True)
-    model.zero_grad(set_to_none=True)
-    out = model(x, **kw).logits
-    g = torch.randn_like(out, generator=torch.Generator().manual_seed(123))
-    (out * g).sum().backward()
-    grads = {"<input>": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads
+    return _patch_run(model, x, seed, output=lambda o: o.logits, **kw)
 
 
 def _assert_same_run(a, b, tol=TOL):
-    torch.testing.assert_close(a[0], b[0], rtol=0, atol=tol)
-    assert a[1].keys() == b[1].keys()
-    for name in a[1]:
-        ga, gb = a[1][name], b[1][name]
-        if ga is None or gb is None:
-            assert ga is None and gb is None, name
-            continue
-        torch.testing.assert_close(ga, gb, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+    _patch_assert_same_run(a, b, tol)
 
 
 def _count_op(monkeypatch):
