@@ -25,7 +25,11 @@ atomics and is bitwise reproducible.
 ``attn_bias`` (DAT++'s ``fixed_pe`` and ``log_cpb`` biases) is supported as an additive dense
 input: the kernel reads one (BLOCK_M, BLOCK_N) tile of it per logit tile, and its gradient is ds
 itself (an (B*h, H*W, Ns) output the reference produces too). ``log_cpb``'s MLP still runs in
-PyTorch in front of the op (it is what produces the dense bias).
+PyTorch in front of the op (it is what produces the dense bias). Why it is not fused: per logit
+the MLP costs 2*32 + 32*h_g multiply-adds (192 at h_g = 4, three times the logit's own q.k and
+p.v work at head_dim 32), its first layer has K = 2 inputs (below ``tl.dot``'s minimum of 16, so
+it would run as scalar FMAs), and no released DAT++ configuration enables ``log_cpb`` (all use
+the sampled rpe table, which *is* fused). Whether fusing it pays is a GPU measurement not made yet.
 
 Refused (``reasons``): ``dropout_p > 0`` (attention dropout would need the reference's RNG stream
 in the kernel, and the backend never silently falls back -- use backend="reference" for training
