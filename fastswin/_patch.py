@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .functional.window_attention import shifted_window_attention, shifted_window_attention_v2
-from .reference.swin import window_reverse
+from .modules._common import windowed_dropout
 from . import _patch_hf as _hf
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -111,34 +111,6 @@ def _dropout_p(drop: nn.Module, training: bool) -> Optional[float]:
     return float(drop.p) if training else 0.0
 
 
-def _windowed_dropout(y: torch.Tensor, p: float, draw: Callable, window, shift, hp: int, wp: int,
-                      crop_first: bool) -> torch.Tensor:
-    """Apply the original's output dropout to ``y`` (B, Hm, Wm, C) with the original's draws:
-    ``draw`` is applied to ones of the original's windowed padded shape (B*nW, N, C), in ``y``'s
-    dtype (same random numbers), and the kept-mask is mapped back like the original maps its
-    output: reverse windows, then crop and roll back (timm, ``crop_first``) or roll back and crop
-    (torchvision). On the CPU, torch's dropout is ``x * (bernoulli / (1-p))`` with the scaled noise
-    in x's dtype, so ``y * noise`` is the original's result to the bit; CUDA's fused dropout
-    multiplies by the mask, then by the scale in float: ``y * mask * scale``."""
-    mh, mw = window
-    B, H, W, C = y.shape
-    nw = (hp // mh) * (wp // mw)
-    noise = draw(torch.ones(B * nw, mh * mw, C, device=y.device, dtype=y.dtype))
-    noise = window_reverse(noise.view(-1, mh, mw, C), (mh, mw), hp, wp)
-    sh, sw = shift
-    if crop_first:
-        noise = noise[:, :H, :W]
-        if sh or sw:
-            noise = torch.roll(noise, shifts=(sh, sw), dims=(1, 2))
-    else:
-        if sh or sw:
-            noise = torch.roll(noise, shifts=(sh, sw), dims=(1, 2))
-        noise = noise[:, :H, :W]
-    if y.device.type == "cpu" or p >= 1.0:
-        return y * noise
-    return y * (noise != 0) * (1.0 / (1.0 - p))
-
-
 # ---- timm ----------------------------------------------------------------------------------------
 
 
@@ -179,7 +151,7 @@ def _timm_proj(self: _Patched, attn, out, window, shift, hp, wp):
     drop = attn.proj_drop
     if isinstance(drop, nn.Identity) or not drop.training or drop.p == 0:
         return y
-    return _windowed_dropout(y, float(drop.p), drop, window, shift, hp, wp, crop_first=True)
+    return windowed_dropout(y, float(drop.p), drop, window, shift, hp, wp, crop_first=True)
 
 
 def _timm_v1(self: _Patched, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +242,7 @@ def _tv(self: _Patched, x: torch.Tensor, v2: bool) -> torch.Tensor:
     y = F.linear(out, attn.proj.weight, attn.proj.bias)
     pd = float(attn.dropout)
     if attn.training and pd > 0:
-        y = _windowed_dropout(y, pd, lambda t: F.dropout(t, p=pd, training=True), window, shift, hp, wp,
+        y = windowed_dropout(y, pd, lambda t: F.dropout(t, p=pd, training=True), window, shift, hp, wp,
                               crop_first=False)
     return y[:, :H, :W, :].contiguous()
 

@@ -151,8 +151,9 @@ def test_buffers_have_the_original_values():
 
 # ---- layers against re-derived originals ---------------------------------------------------------
 
-def derived_window_attention(m, x, shift, mask=None):
-    """The original LocalAttention/ShiftWindowAttention forward, step by step, float64."""
+def derived_window_attention(m, x, shift, mask=None, proj_drop=0.0):
+    """The original LocalAttention/ShiftWindowAttention forward, step by step, float64
+    (``proj_drop``: the output dropout, drawn on the partitioned windows as the original does)."""
     B, C, H, W = x.shape
     M_ = m.window_size[0]
     h = m.heads
@@ -180,6 +181,8 @@ def derived_window_attention(m, x, shift, mask=None):
         attn = (attn.view(-1, nW, h, M_ * M_, M_ * M_) + mask[None, :, None]).view(-1, h, M_ * M_, M_ * M_)
     o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, M_ * M_, C)
     o = o @ m.proj_out.weight.T + m.proj_out.bias
+    if proj_drop:
+        o = F.dropout(o, proj_drop, training=True)
     o = o.reshape(B, H // M_, W // M_, M_, M_, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
     return torch.roll(o, (shift, shift), (2, 3)) if shift else o
 
@@ -201,6 +204,25 @@ def test_window_blocks_equal_the_original_math(shift, seed):
     exp = torch.autograd.grad(want, [x] + list(m.parameters()), g)
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_blocks_output_dropout_draws_like_the_original(shift, seed):
+    """In training, proj_drop zeroes the elements the original zeroes for the same seed (its mask
+    is drawn on the partitioned windows of the rolled map)."""
+    C, heads, M_, H, W = 8, 2, 4, 8, 12
+    if shift:
+        m = ShiftWindowAttention(C, heads, M_, 0.0, 0.5, shift, (H, W), backend="reference").to(F64)
+    else:
+        m = LocalAttention(C, heads, M_, 0.0, 0.5, backend="reference").to(F64)
+    m.train()
+    x = torch.randn(2, C, H, W, dtype=F64)
+    torch.manual_seed(5)
+    y, _, _ = m(x)
+    torch.manual_seed(5)
+    want = derived_window_attention(m, x, shift, proj_drop=0.5)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert (y == 0).any()
 
 
 def test_local_attention_explicit_mask_path(seed):
@@ -388,6 +410,22 @@ def test_errors():
         NeighborhoodAttention2D(8, 4, 2)
     with pytest.raises(NotImplementedError, match="dilation"):
         NeighborhoodAttention2D(8, 3, 2, dilation=2)
+    q = torch.randn(1, 2, 8, 8, 4)
+    with pytest.raises(ValueError, match="k: expected q's shape"):
+        neighborhood_attention_2d(q, torch.randn(1, 2, 10, 10, 4), q, torch.randn(2, 5, 5), 3)
+    with pytest.raises(ValueError, match=r"rpb: expected shape \(2, 5, 5\)"):
+        neighborhood_attention_2d(q, q, q, torch.randn(2, 9, 9), 3)
+    with pytest.raises(ValueError, match="q: expected a 5-D tensor"):
+        neighborhood_attention_2d(q[0], q[0], q[0], torch.randn(2, 5, 5), 3)
+    with pytest.raises(TypeError, match="lookup_22k"):
+        M.DAT(**small("dat")).load_pretrained({}, lookup_22k=[0])
+    pp = M.DAT(**small("dat++"))
+    head = dict(pp.state_dict())
+    head["cls_head.weight"] = torch.randn(20, 64)
+    with pytest.raises(ValueError, match="cls_head.weight has shape \\(20, 64\\).*lookup_22k"):
+        pp.load_pretrained({"cls_head.weight": head["cls_head.weight"]})
+    pp.load_pretrained({"cls_head.weight": head["cls_head.weight"]}, lookup_22k=list(range(10)))
+    assert torch.equal(pp.cls_head.weight, head["cls_head.weight"][:10])
 
 
 # ---- GPU tier --------------------------------------------------------------------------------------

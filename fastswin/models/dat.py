@@ -245,8 +245,11 @@ class DAT(nn.Module):
     def load_pretrained(self, state_dict, lookup_22k=None):
         """The original's resizing loader: entries whose shape differs from this model's are
         adapted (relative index / grid buffers: kept; ``relative_position_bias_table`` and
-        ``rpe_table``: bicubic interpolation; "dat++" ``cls_head``: rows ``lookup_22k``), then
+        ``rpe_table``: bicubic interpolation; "dat++" ``cls_head``: rows ``lookup_22k``, required
+        then; "dat" drops a head of another shape, as its original does), then
         ``load_state_dict(strict=False)``. Returns its result (missing / unexpected keys)."""
+        if lookup_22k is not None and self.variant == "dat":
+            raise TypeError("lookup_22k: not an argument of variant 'dat''s load_pretrained (LeapLabTHU/DAT 42b489e)")
         own = self.state_dict()
         new = {}
         for key, value in state_dict.items():
@@ -267,7 +270,12 @@ class DAT(nn.Module):
                 new[key] = F.interpolate(grid, (big, big), mode="bicubic").reshape(c, big * big).permute(1, 0)
             elif "rpe_table" in parts and value.dim() == 3:
                 new[key] = F.interpolate(value.unsqueeze(0), tuple(mine.shape[1:]), mode="bicubic").squeeze(0)
-            elif "cls_head" in parts and self.variant == "dat++" and lookup_22k is not None:
+            elif "cls_head" in parts and self.variant == "dat++":
+                if lookup_22k is None:  # the original indexes with None and fails on the shape
+                    raise ValueError(
+                        f"state_dict: {key} has shape {tuple(value.shape)}, this model's {tuple(mine.shape)}; pass "
+                        "lookup_22k (the rows to keep) or leave the head out of the state_dict"
+                    )
                 new[key] = value[lookup_22k]
         return self.load_state_dict(new, strict=False)
 

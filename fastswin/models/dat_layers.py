@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._checks import check_tensor, pair
 from ..functional.window_attention import shifted_window_attention, window_attention
-from ..modules._common import timm_trunc_normal_
+from ..modules._common import timm_trunc_normal_, windowed_dropout
 from ..reference import swin as _swin
 from ..reference.neighborhood import neighborhood_attention_2d
 
@@ -206,7 +206,14 @@ class LocalAttention(nn.Module):
             o = window_attention(q, k, v, self.relative_position_bias_table, self.window_size, mask, self.scale,
                                  dropout_p=dropout_p, backend=self.backend)
             o = _swin.window_reverse(o.transpose(1, 2).reshape(-1, Wh, Ww, C), self.window_size, H, W)
-        return self.proj_drop(self.proj_out(o)).permute(0, 3, 1, 2)
+        y = self.proj_out(o)
+        drop = self.proj_drop
+        if self.training and drop.p > 0:
+            # The original drops on its partitioned windows of the rolled map: the same draws,
+            # mapped back to the map (reverse the windows, roll back).
+            s = self.shift_size
+            y = windowed_dropout(y, float(drop.p), drop, self.window_size, (s, s), H, W, crop_first=True)
+        return y.permute(0, 3, 1, 2)
 
     def forward(self, x, mask: Optional[torch.Tensor] = None):
         self._check(x)

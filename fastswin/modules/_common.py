@@ -1,10 +1,14 @@
-"""Pieces shared by the modules and the model builders: timm's initializer, DAT's channel LayerNorm."""
+"""Pieces shared by the modules, the model builders and ``fastswin.patch``: timm's initializer,
+DAT's channel LayerNorm, the windowed output dropout of the originals."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from ..reference.swin import window_reverse
 
 
 @torch.no_grad()
@@ -37,3 +41,31 @@ class ChannelsLayerNorm(nn.Module):
 
     def forward(self, x):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def windowed_dropout(y: torch.Tensor, p: float, draw: Callable, window, shift, hp: int, wp: int,
+                     crop_first: bool) -> torch.Tensor:
+    """Apply the original's output dropout to ``y`` (B, Hm, Wm, C) with the original's draws:
+    ``draw`` is applied to ones of the original's windowed padded shape (B*nW, N, C), in ``y``'s
+    dtype (same random numbers), and the kept-mask is mapped back like the original maps its
+    output: reverse windows, then crop and roll back (timm, ``crop_first``) or roll back and crop
+    (torchvision). On the CPU, torch's dropout is ``x * (bernoulli / (1-p))`` with the scaled noise
+    in x's dtype, so ``y * noise`` is the original's result to the bit; CUDA's fused dropout
+    multiplies by the mask, then by the scale in float: ``y * mask * scale``."""
+    mh, mw = window
+    B, H, W, C = y.shape
+    nw = (hp // mh) * (wp // mw)
+    noise = draw(torch.ones(B * nw, mh * mw, C, device=y.device, dtype=y.dtype))
+    noise = window_reverse(noise.view(-1, mh, mw, C), (mh, mw), hp, wp)
+    sh, sw = shift
+    if crop_first:
+        noise = noise[:, :H, :W]
+        if sh or sw:
+            noise = torch.roll(noise, shifts=(sh, sw), dims=(1, 2))
+    else:
+        if sh or sw:
+            noise = torch.roll(noise, shifts=(sh, sw), dims=(1, 2))
+        noise = noise[:, :H, :W]
+    if y.device.type == "cpu" or p >= 1.0:
+        return y * noise
+    return y * (noise != 0) * (1.0 / (1.0 - p))

@@ -52,8 +52,17 @@ def neighborhood_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Memory: the gathered keys and values are (B, heads, H, W, K, K, d) each -- fine for a
     reference, K*K times the input.
     """
+    if q.dim() != 5:
+        raise ValueError(f"q: expected a 5-D tensor (B, heads, H, W, d), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name}: expected q's shape {tuple(q.shape)}, dtype {q.dtype} and device {q.device}, "
+                             f"got {tuple(t.shape)}, {t.dtype}, {t.device}")
     B, h, H, W, d = q.shape
     K = kernel_size
+    if tuple(rpb.shape) != (h, 2 * K - 1, 2 * K - 1):
+        raise ValueError(f"rpb: expected shape ({h}, {2 * K - 1}, {2 * K - 1}) for {h} heads and kernel_size {K}, "
+                         f"got {tuple(rpb.shape)}")
     rows, brow = neighborhood_windows(H, K, q.device)
     cols, bcol = neighborhood_windows(W, K, q.device)
     ri, ci = rows[:, None, :, None], cols[None, :, None, :]  # (H, 1, K, 1), (1, W, 1, K)
