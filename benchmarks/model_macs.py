@@ -33,16 +33,26 @@ def build(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
-def count_macs(model: torch.nn.Module, side: int) -> int:
+def forward_flops(model: torch.nn.Module, side: int, device=torch.device("cpu"), dtype=torch.float32,
+                  autocast=None) -> int:
+    """FlopCounterMode's FLOPs of one eval forward of ``model`` on a (1, 3, side, side) input (float64
+    if ``dtype`` is, else float32) on ``device``, inside ``autocast`` (a context manager) if given."""
+    import contextlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastswin.ops import flop_formulas
 
     flop_formulas.register()
-    x = torch.randn(1, 3, side, side)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    model.eval()
+    x = torch.randn(1, 3, side, side, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad(), autocast or contextlib.nullcontext(), FlopCounterMode(display=False) as counter:
         model(x)
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops()
+
+
+def count_macs(model: torch.nn.Module, side: int) -> int:
+    return forward_flops(model, side) // 2
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import fastswin
 
 from .cases import Case
+from .model_macs import forward_flops
 from .providers_common import ROTATE, Work, backend_of, first_line
 
 PROVIDERS = {
@@ -109,19 +110,6 @@ def _logits(out):
     return out[0] if isinstance(out, tuple) else out  # DAT: (logits, positions, references)
 
 
-def _count_forward(model, side, device, dtype) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fastswin.ops import flop_formulas
-
-    flop_formulas.register()
-    model.eval()
-    x = torch.randn(1, 3, side, side, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    with torch.no_grad(), _autocast(device, dtype), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
 def counted_flops(case: Case, provider, device, dtype, batch, model=None):
     """Forward FLOPs at ``batch`` counted by FlopCounterMode on the provider's model (None if
     that provider cannot run here). The naive model's count is cached per (case, device, dtype)."""
@@ -137,7 +125,7 @@ def counted_flops(case: Case, provider, device, dtype, batch, model=None):
         if dtype == torch.float64:
             model = model.double()
     try:
-        n = _count_forward(model, _side(case), device, dtype)
+        n = forward_flops(model, _side(case), device, dtype, autocast=_autocast(device, dtype))
     except fastswin.BackendUnavailableError:
         return None
     finally:

@@ -36,6 +36,7 @@ fvcore itself is optional: this module imports without it; :func:`fvcore_handles
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List
 
 from . import flop_formulas as _ff
@@ -89,13 +90,6 @@ def _block_handle(formula, window_h_at: int) -> Callable[[list, list], int]:
 _GRID_SAMPLE_PER_OUTPUT = 4
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _is_none(value) -> bool:
     return value.type().kind() == "NoneType"
 
@@ -116,7 +110,7 @@ def _bilinear_handle(inputs, outputs) -> int:
     """op(feat (N, C, H, W), pos (N, Hk, Wk, 2)) -> (N, C, Hk, Wk): ``4 * N*C*Hk*Wk``, what fvcore
     counts for the reference path's ``F.grid_sample`` (FlopCounterMode counts it 0)."""
     feat, pos = _shape(inputs[0]), _shape(inputs[1])
-    return _GRID_SAMPLE_PER_OUTPUT * _numel((feat[0], feat[1], pos[1], pos[2]))
+    return _GRID_SAMPLE_PER_OUTPUT * math.prod((feat[0], feat[1], pos[1], pos[2]))
 
 
 # op name (without the namespace) -> handle. Forward ops only: fvcore traces the forward pass.
