@@ -47,13 +47,14 @@ the map, so patched training draws exactly the original's masks too.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
+from ._checks import pair
 from .functional.window_attention import shifted_window_attention, shifted_window_attention_v2
 from .modules._common import windowed_dropout
 from . import _patch_hf as _hf
@@ -92,12 +93,6 @@ class _Patched:
         return f"<fastswin patched {self.kind} attention, backend={self.backend!r}>"
 
 
-def _pair_t(v) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    return int(v[0]), int(v[1])
-
-
 def _padded(size: int, window: int) -> int:
     return -(-size // window) * window
 
@@ -118,8 +113,8 @@ def _timm_geometry(self: _Patched, block, x):
     """(window, shift, hp, wp) as timm's ``_attn`` uses them, or a reason to fall back."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return "input is not a 4-D (B, H, W, C) tensor"
-    window, shift = _pair_t(block.window_size), _pair_t(block.shift_size)
-    if _pair_t(block.attn.window_size) != window:
+    window, shift = pair("window_size", block.window_size), pair("shift_size", block.shift_size)
+    if pair("attn.window_size", block.attn.window_size) != window:
         return f"attn.window_size {tuple(block.attn.window_size)} != block window_size {window}"
     if not all(0 <= s < m for s, m in zip(shift, window)):
         return f"shift_size {shift} is not within [0, window_size {window})"
@@ -133,7 +128,7 @@ def _timm_geometry(self: _Patched, block, x):
             if mask is not None:
                 return "static attn_mask is set but the block has no shift"
         else:
-            ir = _pair_t(block.input_resolution)
+            ir = pair("input_resolution", block.input_resolution)
             n = window[0] * window[1]
             nw = (hp // window[0]) * (wp // window[1])
             if mask is None:
@@ -209,8 +204,8 @@ def _tv(self: _Patched, x: torch.Tensor, v2: bool) -> torch.Tensor:
     attn = self.owner
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return self.fallback(x, "input is not a 4-D (B, H, W, C) tensor")
-    window = _pair_t(attn.window_size)
-    shift = list(_pair_t(attn.shift_size))
+    window = pair("window_size", attn.window_size)
+    shift = list(pair("shift_size", attn.shift_size))
     B, H, W, C = x.shape
     heads = attn.num_heads
     # torchvision: pad first (zeros), then drop the shift where the window covers the padded map

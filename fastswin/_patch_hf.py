@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ._checks import pair
 from .functional.window_attention import window_attention, window_attention_v2
 
 V1_MODULE = "transformers.models.swin.modeling_swin"
@@ -62,12 +63,6 @@ def _sig(fn):
         return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
     except (TypeError, ValueError):
         return None
-
-
-def _pair(v):
-    if isinstance(v, int):
-        return v, v
-    return int(v[0]), int(v[1])
 
 
 def _unknown(cls_name: str, why: str):
@@ -153,7 +148,7 @@ def hf_v1(self, hidden_states, attention_mask=None, **kwargs):
     attn = self.owner
     impl = getattr(attn.config, "_attn_implementation", None)
     extra = sorted(set(kwargs) - _V1_IGNORED_KW)
-    window = _pair(attn.relative_position_bias.window_size)
+    window = pair("window_size", attn.relative_position_bias.window_size)
     why = None
     if kwargs.get("output_attentions"):
         why = "output_attentions=True (the fused op does not form the attention probabilities)"
@@ -181,7 +176,7 @@ def hf_v1(self, hidden_states, attention_mask=None, **kwargs):
 
 def hf_v2(self, hidden_states, attention_mask=None, output_attentions=False):
     attn = self.owner
-    window = _pair(attn.window_size)
+    window = pair("window_size", attn.window_size)
     drop = attn.dropout
     if output_attentions:
         why = "output_attentions=True (the fused op does not form the attention probabilities)"
