@@ -80,10 +80,9 @@ def official_layout(cfg):
                 add(a + ".qkv", weight=(3 * C, C), bias=(3 * C,))
                 add(a + ".proj", weight=(C, C), bias=(C,))
             else:  # "D"
-                g, stride = cfg["groups"][i], cfg["strides"][i]
-                if cfg["use_pes"][i]:
-                    n = img if v1 else img  # kv_size = q_size = fmap in the DAT stage
-                    add(a, rpe_table=(heads, 2 * n - 1, 2 * n - 1))
+                g = cfg["groups"][i]
+                if cfg["use_pes"][i]:  # "dat" sizes it by kv_size, "dat++" by q_size: both the stage's map
+                    add(a, rpe_table=(heads, 2 * img - 1, 2 * img - 1))
                 kk = (9, 7, 5, 3)[i] if v1 else cfg["ksizes"][i]
                 add(a + ".conv_offset.0", weight=(C // g, 1, kk, kk), bias=(C // g,))
                 ln(a + ".conv_offset.1", C // g)
